@@ -1,0 +1,1 @@
+"""Post-training OOD evaluation: features, scorers, metrics, CLP, reports and plots."""
