@@ -1,0 +1,31 @@
+"""contrastood: contrastive training for out-of-distribution detection (Winkens et al. 2020) in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="contrastood",
+    version="0.1.0",
+    description="Contrastive training for improved out-of-distribution detection, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["contrastood", "contrastood.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-cpu>=2.21.0; sys_platform != 'darwin'",
+        "tensorflow>=2.21.0; sys_platform == 'darwin'",  # no tensorflow-cpu wheels for macOS
+        "tensorflow-datasets>=4.9.10",
+        "ml_collections>=1.1.0",
+        "clu>=0.0.12",
+        "numpy>=2.0",
+        "scikit-learn>=1.9.1",
+        "scipy>=1.13",
+        "matplotlib>=3.8",
+        "pillow>=10",
+        "tensorboard>=2.21.0",  # clu and tfds need it but do not declare it
+        "importlib_resources>=6",  # likewise
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+)
