@@ -54,6 +54,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.stage1_steps = -1  # > = 0 overrides the epoch count
     config.train.stage2_steps = -1
     config.train.class_weight = 100.0  # lambda
+    # Divide L_con + lambda * L_class by (1 + lambda) in stage 2. LARS makes kernel updates independent
+    # of the loss scale, but biases and BN parameters (exempt from the trust ratio) would see gradients
+    # lambda times larger and diverge at lambda = 100; the normalisation keeps the relative weighting.
+    config.train.normalize_loss_weights = True
     config.train.label_smoothing = 0.01
     config.train.temperature = 1.0  # tau; best in the paper's Table 6
     config.train.optimizer = "lars"  # lars | sgd

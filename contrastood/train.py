@@ -115,6 +115,8 @@ def make_train_step(model: models.ContrastiveResNet, tx: optax.GradientTransform
             class_loss, accuracy = losses.smoothed_cross_entropy(outputs["logits"], class_labels, t.label_smoothing)
             metrics.update(class_loss=class_loss, accuracy=accuracy)
             loss = loss + class_weight * class_loss
+            if contrastive and t.normalize_loss_weights:
+                loss = loss / (1.0 + class_weight)
             metrics["loss"] = loss
             return loss, (new_vars["batch_stats"], metrics)
 

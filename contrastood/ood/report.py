@@ -1,0 +1,103 @@
+"""The OOD report: ood_report.json, ood_report.md (also printed), TensorBoard summaries and PNG plots."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from clu import metric_writers
+
+from contrastood.ood import metrics, plots
+
+# (key in metrics.compute_all, column header)
+COLUMNS = (
+    ("auroc", "AUROC"),
+    ("aupr_in", "AUPR-in"),
+    ("aupr_out", "AUPR-out"),
+    ("fpr_at_95_tpr_in", "FPR@95TPR (in+)"),
+    ("fpr_at_95_tpr_out", "FPR@95TPR (out+)"),
+    ("detection_accuracy", "Det. acc."),
+    ("ood_rank_mean", "Mean OOD rank %"),
+)
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    ind = summary["in_distribution"]
+    lines = [
+        f"# OOD report (checkpoint step {summary['step']})",
+        "",
+        f"In-distribution: train `{ind['train']}`, test `{ind['test']}` "
+        f"({ind['num_test_examples']} examples), test accuracy **{100 * ind['test_accuracy']:.2f}%**.",
+        "Scores: higher = more in-distribution. FPR@95TPR (in+) treats in-distribution as positive "
+        "(ODIN, Winkens et al.); (out+) treats OOD as positive (OpenOOD). Metrics in %.",
+        "",
+        "| OOD set | N | scorer | " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|---|---:|---|" + "---:|" * len(COLUMNS),
+    ]
+    for name, per_scorer in summary["results"].items():
+        for scorer in summary["scorers"]:
+            if scorer not in per_scorer:
+                continue
+            m = per_scorer[scorer]
+            cells = [f"{m[k]:.2f}" if k == "ood_rank_mean" else f"{100 * m[k]:.2f}" for k, _ in COLUMNS]
+            lines.append(f"| {name} | {per_scorer['num_examples']} | {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, workdir: str, *, config, in_scores: Mapping[str, dict], ood_scores: Mapping[str, dict],
+          ood_data: Mapping[str, Any], class_names) -> None:
+    """Writes the JSON and Markdown report, the plots, and `ood/...` TensorBoard summaries."""
+    summary = dict(summary)
+    summary["config"] = json.loads(config.to_json_best_effort())
+    with open(os.path.join(workdir, "ood_report.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=False, default=float)
+    table = markdown_table(summary)
+    with open(os.path.join(workdir, "ood_report.md"), "w") as f:
+        f.write(table)
+    print(table, flush=True)
+
+    step = summary["step"]
+    writer = metric_writers.create_default_writer(workdir, just_logging=False)
+    scalars = {f"ood/{name}/{scorer}/{metric}": value
+               for name, per_scorer in summary["results"].items()
+               for scorer, values in per_scorer.items() if isinstance(values, dict)
+               for metric, value in values.items()}
+    scalars["ood/in_distribution/test_accuracy"] = summary["in_distribution"]["test_accuracy"]
+    writer.write_scalars(step, scalars)
+
+    if config.ood.plots and ood_scores:
+        images = _plots(workdir, config, in_scores, ood_scores, ood_data, class_names)
+        writer.write_images(step, {k: v[None] for k, v in images.items()})
+    writer.flush()
+    logging.info("OOD report written to %s", os.path.join(workdir, "ood_report.md"))
+
+
+def _plots(workdir, config, in_scores, ood_scores, ood_data, class_names) -> dict[str, np.ndarray]:
+    """Fig. 4a/b histograms and ROC curves per scorer; Fig. 5 failure grid per OOD set."""
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    images = {}
+    for scorer in config.ood.scorers:
+        if scorer not in in_scores:
+            continue
+        outs = {name: s[scorer]["scores"] for name, s in ood_scores.items() if scorer in s}
+        images[f"ood/histogram/{scorer}"] = plots.score_histograms(
+            in_scores[scorer]["scores"], outs, os.path.join(plot_dir, f"histogram_{scorer}.png"),
+            title=f"{scorer} score: in-distribution test vs OOD", score_name=f"{scorer} score")
+        images[f"ood/roc/{scorer}"] = plots.roc_curves(
+            in_scores[scorer]["scores"], outs, os.path.join(plot_dir, f"roc_{scorer}.png"),
+            title=f"ROC, {scorer} score (in-distribution positive)")
+    grid_scorer = "gaussian" if "gaussian" in in_scores else next(iter(in_scores))
+    names = list(class_names) if class_names else [str(i) for i in range(config.data.num_classes)]
+    for name, s in ood_scores.items():
+        scored = s[grid_scorer]
+        ranks = metrics.ood_rank(in_scores[grid_scorer]["scores"], scored["scores"])
+        classes = scored["classes"] if scored["classes"] is not None else np.full(len(ranks), -1)
+        safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+        images[f"ood/failures/{safe}"] = plots.failure_grid(
+            ood_data[name].images, ranks, classes, names, os.path.join(plot_dir, f"failures_{safe}.png"),
+            title=f"{name}: most in-distribution-looking OOD images ({grid_scorer} score)",
+            max_images=config.ood.failure_grid_images)
+    return images
