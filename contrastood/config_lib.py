@@ -84,6 +84,22 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ood.odin_epsilon = 0.0014
     config.ood.plots = True
     config.ood.failure_grid_images = 16
+
+    # CLP (paper Sec. 4, App. C): an ensemble of ordinary supervised classifiers on the union of the
+    # datasets below (each dataset's labels offset into one label space, an unlabelled one = 1 class).
+    config.clp = ml_collections.ConfigDict()
+    config.clp.run_after_evaluation = False  # also run it at the end of --mode=train
+    config.clp.datasets = []  # list of "name=TRAIN_SPEC|TEST_SPEC"; the first is the in-distribution
+    config.clp.in_classes = ""  # union class ids of C_in, e.g. "0-9"; "" = all classes of the first dataset
+    config.clp.num_members = 5
+    config.clp.model = "resnet34"
+    config.clp.width = 1
+    config.clp.batch_size = 1024
+    config.clp.epochs = 500.0  # on the union, classes sampled uniformly
+    config.clp.steps = -1  # >= 0 overrides epochs
+    config.clp.learning_rate = 0.2  # SGD, momentum 0.9, cosine, weight decay 1e-6 (paper App. C)
+    config.clp.warmup_steps = 0
+    config.clp.num_bins = 10  # sample-wise CLP bins for AUROC (Fig. 4c)
     return config
 
 

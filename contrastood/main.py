@@ -35,6 +35,9 @@ def main(argv):
         if config.ood.run_after_training and config.ood.sets:
             from contrastood.ood import evaluate
             evaluate.evaluate(config, FLAGS.workdir, state=state)
+        if config.clp.run_after_evaluation and config.clp.datasets:
+            from contrastood.ood import clp_runner
+            clp_runner.run(config, FLAGS.workdir, detector_state=state)
     elif FLAGS.mode == "evaluate":
         from contrastood.ood import evaluate
         evaluate.evaluate(config, FLAGS.workdir)

@@ -237,8 +237,13 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains both stages (resuming from `workdir` when it holds checkpoints) and returns the state."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train_data=None,
+                       test_data=None) -> TrainState:
+    """Trains both stages (resuming from `workdir` when it holds checkpoints) and returns the state.
+
+    `train_data` / `test_data` (ArrayDatasets) replace loading `config.data.train` / `.test`; the CLP
+    ensemble passes its union of datasets this way. A finished run returns at once.
+    """
     from contrastood import input_pipeline
 
     mesh = parallel.create_mesh()
@@ -247,8 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     _write_config(config, workdir)
 
     data_dir = config.data.data_dir or None
-    train_data = input_pipeline.load_arrays(config.data.train, image_size=config.data.image_size,
-                                            seed=config.seed, data_dir=data_dir)
+    if train_data is None:
+        train_data = input_pipeline.load_arrays(config.data.train, image_size=config.data.image_size,
+                                                seed=config.seed, data_dir=data_dir)
     _check_labels(train_data, config)
     stage1_steps, stage2_steps, warmup_steps = config_lib.stage_steps(config, len(train_data.labels))
     total_steps = stage1_steps + stage2_steps
@@ -275,10 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     train_step = jit_train_step(make_train_step(model, tx, config, stage1_steps, schedule), mesh)
     eval_step = jit_eval_step(make_eval_step(model), mesh)
-    test_data = None
-    if config.data.test:
+    if test_data is None and config.data.test:
         test_data = input_pipeline.load_arrays(config.data.test, image_size=config.data.image_size,
                                                seed=config.seed, data_dir=data_dir)
+    if test_data is not None:
         _check_labels(test_data, config)
 
     batches = input_pipeline.train_batches(train_data, global_batch_size=config.train.batch_size,

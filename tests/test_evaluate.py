@@ -98,3 +98,53 @@ def test_evaluate_without_checkpoint_names_the_fix(tmp_path):
     config = load_config("digits", "smoke")
     with pytest.raises(FileNotFoundError, match="train first"):
         evaluate.evaluate(config, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def clp_run(demo_run):
+    from contrastood.ood import clp_runner
+
+    config, workdir, state, _ = demo_run
+    return clp_runner.run(config, str(workdir), detector_state=state)
+
+
+def test_clp_report_and_plots(demo_run, clp_run):
+    config, workdir, _, _ = demo_run
+    summary = clp_run
+    assert summary["num_classes"] == 12  # digits 0-9, photos, noise
+    assert summary["in_classes"] == [0, 1, 2, 3, 4, 5]
+    assert set(summary["dataset_clp"]) == {"digits", "photos", "noise"}
+    for v in summary["dataset_clp"].values():
+        assert v["clp"] <= 0 and v["classwise_min"] <= v["classwise_max"] <= 0
+    by_class = {(p["dataset"], p["label"]) for p in summary["detector"]["auroc_by_class"]}
+    assert by_class == {("digits", "6"), ("digits", "7"), ("digits", "8"), ("digits", "9"),
+                        ("photos", "photos"), ("noise", "noise")}
+    assert sum(b["count"] for b in summary["detector"]["auroc_by_sample_clp_bin"]) == 178 + 500 + 500
+    assert json.loads((workdir / "clp_report.json").read_text())["num_members"] == 2
+    for png in ("clp_dendrogram.png", "clp_dataset_confusion.png", "clp_auroc_vs_clp.png", "clp_auroc_by_bin.png"):
+        assert (workdir / "plots" / png).stat().st_size > 1000
+
+
+def test_clp_finished_members_are_not_retrained(demo_run, clp_run, monkeypatch):
+    from contrastood.ood import clp_runner
+
+    config, workdir, state, _ = demo_run
+
+    def no_training(*args, **kwargs):
+        def step(*a, **k):
+            raise AssertionError("a finished ensemble member was retrained")
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", no_training)
+    again = clp_runner.run(config, str(workdir), detector_state=state)
+    assert again["dataset_clp"] == clp_run["dataset_clp"]
+
+
+def test_clp_dataset_entries_are_validated():
+    from contrastood.ood import clp_runner
+
+    with pytest.raises(ValueError, match="TRAIN_SPEC"):
+        clp_runner.parse_datasets(["digits=sklearn:digits:train", "noise=noise:gaussian|noise:gaussian"])
+    with pytest.raises(ValueError, match="at least one other"):
+        clp_runner.parse_datasets(["digits=sklearn:digits:train|sklearn:digits:test"])
+    np.testing.assert_array_equal(clp_runner.parse_classes("0-2,5", range(0)), [0, 1, 2, 5])

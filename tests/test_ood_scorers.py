@@ -114,7 +114,8 @@ def test_tied_gaussians_and_mahalanobis_match_pooled_covariance():
     pooled = EmpiricalCovariance().fit(centred).covariance_
     np.testing.assert_allclose(tied.covariance(2), pooled, rtol=1e-10, atol=1e-12)
     diffs = queries[:, None, :] - means[None]
-    distances = np.einsum("mcd,mcd->mc", diffs, np.linalg.solve(pooled, diffs.reshape(-1, 6).T).T.reshape(diffs.shape))
+    solved = np.linalg.solve(pooled, diffs.reshape(-1, 6).T).T.reshape(diffs.shape)
+    distances = np.einsum("mcd,mcd->mc", diffs, solved)
     scores, classes = scorers.mahalanobis_score(tied, queries, chunk_size=8)
     np.testing.assert_allclose(scores, -distances.min(axis=1), rtol=1e-10)
     np.testing.assert_array_equal(classes, distances.argmin(axis=1))
@@ -157,9 +158,11 @@ def test_msp_and_energy_match_numpy():
     logits = np.random.default_rng(11).normal(size=(13, 7)) * 5.0
     np.testing.assert_allclose(scorers.msp_score(logits), scipy.special.softmax(logits, axis=1).max(1),
                                rtol=1e-12)
-    np.testing.assert_allclose(scorers.energy_score(logits), scipy.special.logsumexp(logits, axis=1), rtol=1e-12)
-    np.testing.assert_allclose(scorers.energy_score(logits.astype(np.float32), temperature=2.5),
-                               2.5 * scipy.special.logsumexp(logits.astype(np.float32) / 2.5, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(scorers.energy_score(logits), scipy.special.logsumexp(logits, axis=1),
+                               rtol=1e-12)
+    logits32 = logits.astype(np.float32)
+    np.testing.assert_allclose(scorers.energy_score(logits32, temperature=2.5),
+                               2.5 * scipy.special.logsumexp(logits32 / 2.5, axis=1), rtol=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         scorers.energy_score(logits, temperature=0.0)
 

@@ -26,7 +26,8 @@ def _validated(name: str, scores) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D (one score per example), got shape {array.shape}; "
                          "flatten it or pass one score per example.")
     if array.size == 0:
-        raise ValueError(f"{name} is empty; OOD metrics need at least one in- and one out-of-distribution score.")
+        raise ValueError(f"{name} is empty; OOD metrics need at least one in- and one "
+                         "out-of-distribution score.")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise ValueError(f"{name} must be numeric, got dtype {array.dtype}.")
     array = array.astype(np.float64)

@@ -1,0 +1,239 @@
+"""The CLP study: train the ensemble on the union of datasets, compute CLPs, join with the detector.
+
+Ensemble members are ordinary supervised runs of `train.train_and_evaluate` (their own workdirs
+under `WORKDIR/clp/member_K`, so each checkpoints, resumes, and is never retrained once finished).
+Their logits come from `features.FeatureExtractor` (cached per checkpoint). When WORKDIR holds a
+trained detector, its Eq. 2 Gaussian score on the same union test set is read along the CLP axis:
+AUROC per OOD class against class-wise CLP (Fig. 1/6) and AUROC in sample-wise CLP bins (Fig. 4c).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from contrastood import config_lib, models, parallel, train
+from contrastood.ood import clp, evaluate, plots
+from contrastood.ood import features as features_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class UnionDataset:
+    name: str
+    train_spec: str
+    test_spec: str
+
+
+def parse_datasets(entries) -> list[UnionDataset]:
+    """'name=TRAIN_SPEC|TEST_SPEC' entries of `config.clp.datasets`."""
+    out = []
+    for entry in entries:
+        name, sep, specs = entry.partition("=")
+        train_spec, bar, test_spec = specs.partition("|")
+        if not sep or not bar or not name or not train_spec or not test_spec:
+            raise ValueError(f"clp.datasets entry {entry!r} is not 'name=TRAIN_SPEC|TEST_SPEC', e.g. "
+                             f"'noise=noise:gaussian:2000#fraction=0:0.5|noise:gaussian:2000#fraction=0.5:1'")
+        out.append(UnionDataset(name, train_spec, test_spec))
+    if len(out) < 2:
+        raise ValueError("clp.datasets needs the in-distribution dataset and at least one other")
+    return out
+
+
+def parse_classes(text: str, default: range) -> np.ndarray:
+    if not text:
+        return np.asarray(list(default))
+    ids: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return np.asarray(sorted(set(ids)))
+
+
+def member_config(config: ml_collections.ConfigDict, member: int, num_classes: int, describe: str):
+    """A plain supervised classifier (paper App. C: SGD, cosine from 0.2, uniform class sampling)."""
+    c = config_lib.base_config()
+    c.seed = config.seed + 1000 * (member + 1)
+    c.data.train = describe
+    c.data.test = ""
+    c.data.num_classes = num_classes
+    c.data.image_size = config.data.image_size
+    c.model.name = config.clp.model
+    c.model.width = config.clp.width
+    c.model.dtype = config.model.dtype
+    t = c.train
+    t.contrastive = False
+    t.augmentation = "standard"
+    t.sampling = "uniform_class"
+    t.optimizer = "sgd"
+    t.learning_rate = config.clp.learning_rate
+    t.momentum = 0.9
+    t.weight_decay = 1e-6
+    t.label_smoothing = 0.0
+    t.batch_size = config.clp.batch_size
+    t.stage2_epochs = config.clp.epochs
+    t.stage2_steps = config.clp.steps
+    t.warmup_steps = config.clp.warmup_steps
+    c.log_every_steps = config.log_every_steps
+    c.checkpoint_every_steps = config.checkpoint_every_steps
+    c.eval_every_steps = 10**9
+    c.eval_batch_size = config.eval_batch_size
+    c.ood.scorers = ["msp"]
+    return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) -> dict:
+    from contrastood import input_pipeline  # the only TensorFlow user
+
+    datasets = parse_datasets(config.clp.datasets)
+    load = dict(image_size=config.data.image_size, seed=config.seed, data_dir=config.data.data_dir or None)
+    union_train, train_parts = input_pipeline.load_union([d.train_spec for d in datasets], **load)
+    union_test, test_parts = input_pipeline.load_union([d.test_spec for d in datasets], **load)
+    for d, a, b in zip(datasets, train_parts, test_parts):
+        if a.num_classes != b.num_classes:
+            raise ValueError(f"clp dataset {d.name!r}: train part has {a.num_classes} classes, test part "
+                             f"{b.num_classes}; both parts must cover the same classes")
+    num_classes = union_train.num_classes
+    class_dataset = np.concatenate([np.full(p.num_classes, i) for i, p in enumerate(train_parts)])
+    in_classes = parse_classes(config.clp.in_classes,
+                               range(train_parts[0].first_class, train_parts[0].first_class + train_parts[0].num_classes))
+    mesh = parallel.create_mesh()
+    clp_dir = os.path.join(workdir, "clp")
+    logging.info("CLP: union of %d datasets, %d classes, %d train / %d test examples, %d members",
+                 len(datasets), num_classes, len(union_train), len(union_test), config.clp.num_members)
+
+    member_logits = []
+    for member in range(config.clp.num_members):
+        mcfg = member_config(config, member, num_classes, union_train.name)
+        member_dir = os.path.join(clp_dir, f"member_{member}")
+        state = train.train_and_evaluate(mcfg, member_dir, train_data=union_train)
+        model = models.create_model(mcfg.model, num_classes)
+        feats = features_lib.FeatureExtractor(model, state, mcfg, mesh, member_dir)(union_test, fit_only=True)
+        member_logits.append(feats["logits"])
+        accuracy = float(np.mean(feats["logits"].argmax(-1) == union_test.labels))
+        logging.info("CLP member %d: union test accuracy %.4f", member, accuracy)
+    probs = clp.ensemble_probs(np.stack(member_logits))
+    labels = union_test.labels
+    ensemble_accuracy = float(np.mean(probs.argmax(-1) == labels))
+
+    per_dataset = {}
+    classwise_all = clp.classwise_clp(probs, labels, in_classes)
+    for i, (d, part) in enumerate(zip(datasets, test_parts)):
+        in_part = (labels >= part.first_class) & (labels < part.first_class + part.num_classes)
+        classes = {int(k): v for k, v in classwise_all.items() if class_dataset[k] == i}
+        lo, hi = clp.clp_range(classes)
+        per_dataset[d.name] = {"clp": clp.dataset_clp(probs[in_part], in_classes), "classwise_min": lo,
+                               "classwise_max": hi, "num_test_examples": int(in_part.sum())}
+    confusion = clp.class_confusion(probs, labels, num_classes)
+    distance = clp.class_distance(confusion)
+    dataset_matrix = clp.dataset_confusion(confusion, class_dataset, len(datasets))
+    # "dataset:class"; an unlabelled dataset is one class, named after the dataset alone.
+    class_names = [datasets[class_dataset[k]].name if train_parts[class_dataset[k]].num_classes == 1
+                   and union_train.class_names[k] == train_parts[class_dataset[k]].spec
+                   else f"{datasets[class_dataset[k]].name}:{union_train.class_names[k]}" for k in range(num_classes)]
+
+    summary = {
+        "datasets": [dataclasses.asdict(d) for d in datasets],
+        "num_classes": num_classes,
+        "in_classes": in_classes.tolist(),
+        "num_members": config.clp.num_members,
+        "ensemble_test_accuracy": ensemble_accuracy,
+        "dataset_clp": per_dataset,
+        "classwise_clp": {class_names[k]: v for k, v in classwise_all.items()},
+        "dataset_confusion": {"names": [d.name for d in datasets], "matrix": dataset_matrix.tolist()},
+    }
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    images = {
+        "clp/dendrogram": plots.dendrogram_plot(clp.dendrogram_linkage(distance), class_names,
+                                                [datasets[i].name for i in class_dataset],
+                                                os.path.join(plot_dir, "clp_dendrogram.png"),
+                                                title="Classes of the union, average linkage on CLP confusion distance"),
+        "clp/dataset_confusion": plots.confusion_matrix_plot(dataset_matrix, [d.name for d in datasets],
+                                                            os.path.join(plot_dir, "clp_dataset_confusion.png"),
+                                                            title="Ensemble confusion between datasets"),
+    }
+    detector = _join_detector(config, workdir, detector_state, union_test, probs, in_classes, class_dataset,
+                              datasets, class_names, mesh)
+    if detector is not None:
+        summary["detector"] = detector["summary"]
+        images.update(_detector_plots(detector, plot_dir))
+
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "clp_report.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        table = markdown(summary)
+        with open(os.path.join(workdir, "clp_report.md"), "w") as f:
+            f.write(table)
+        print(table, flush=True)
+        writer = metric_writers.create_default_writer(workdir, just_logging=False)
+        step = int(detector_state.step) if detector_state is not None else 0
+        writer.write_scalars(step, {f"clp/{name}/clp": v["clp"] for name, v in per_dataset.items()})
+        writer.write_images(step, {k: v[None] for k, v in images.items()})
+        writer.flush()
+    return summary
+
+
+def _join_detector(config, workdir, state, union_test, probs, in_classes, class_dataset, datasets,
+                   class_names, mesh):
+    """The detector's Eq. 2 score on the union test set, per OOD class and per sample-CLP bin."""
+    if state is None:
+        if not train.checkpoint_manager(workdir, config).all_steps():
+            logging.info("no detector checkpoint in %s: CLP without the AUROC-vs-CLP analysis", workdir)
+            return None
+        _, state = evaluate.restore_for_evaluation(config, workdir, mesh)
+    from contrastood import input_pipeline
+
+    gaussian_only = config.copy_and_resolve_references()
+    gaussian_only.ood.scorers = ["gaussian"]
+    model = models.create_model(config.model, config.data.num_classes)
+    extractor = features_lib.FeatureExtractor(model, state, gaussian_only, mesh, workdir)
+    train_data = input_pipeline.load_arrays(config.data.train, image_size=config.data.image_size,
+                                            seed=config.seed, data_dir=config.data.data_dir or None)
+    train_feats = extractor(train_data, fit_only=True)
+    feats = extractor(union_test, fit_only=True)
+    scores = evaluate.compute_scores(gaussian_only, train_feats, feats, config.data.num_classes)["gaussian"]["scores"]
+    labels = union_test.labels
+    is_in = np.isin(labels, in_classes)
+    in_scores, ood_scores, ood_labels = scores[is_in], scores[~is_in], labels[~is_in]
+    sample_clp = clp.sample_clp(probs[~is_in], in_classes)
+    per_class_auroc = clp.auroc_by_class(ood_labels, ood_scores, in_scores)
+    classwise = clp.classwise_clp(probs, labels, in_classes)
+    points = [{"clp": classwise[k], "auroc": a, "dataset": datasets[class_dataset[k]].name,
+               "label": class_names[k].split(":", 1)[-1]} for k, a in per_class_auroc.items()]
+    finite = np.isfinite(sample_clp)
+    bins = clp.auroc_by_clp_bins(sample_clp[finite], ood_scores[finite], in_scores, num_bins=config.clp.num_bins)
+    return {"points": points, "bins": bins, "summary": {
+        "step": int(state.step), "scorer": "gaussian",
+        "auroc_by_class": [{k: p[k] for k in ("label", "dataset", "clp", "auroc")} for p in points],
+        "auroc_by_sample_clp_bin": bins}}
+
+
+def _detector_plots(detector, plot_dir):
+    return {
+        "clp/auroc_vs_clp": plots.auroc_vs_clp(detector["points"], os.path.join(plot_dir, "clp_auroc_vs_clp.png"),
+                                               title="Detector AUROC per OOD class vs class-wise CLP"),
+        "clp/auroc_by_clp_bin": plots.auroc_by_clp_bins_plot(detector["bins"],
+                                                             os.path.join(plot_dir, "clp_auroc_by_bin.png"),
+                                                             title="Detector AUROC in bins of sample-wise CLP"),
+    }
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# CLP report ({summary['num_members']} ensemble members, {summary['num_classes']} classes, "
+             f"ensemble test accuracy {100 * summary['ensemble_test_accuracy']:.1f}%)", "",
+             "| dataset | N test | CLP | class-wise CLP range |", "|---|---:|---:|---|"]
+    for name, v in summary["dataset_clp"].items():
+        lines.append(f"| {name} | {v['num_test_examples']} | {v['clp']:.2f} | "
+                     f"[{v['classwise_min']:.2f} to {v['classwise_max']:.2f}] |")
+    if "detector" in summary:
+        lines += ["", f"Detector (step {summary['detector']['step']}, Gaussian score): AUROC per OOD class",
+                  "", "| class | dataset | class-wise CLP | AUROC |", "|---|---|---:|---:|"]
+        for p in sorted(summary["detector"]["auroc_by_class"], key=lambda p: p["clp"]):
+            lines.append(f"| {p['label']} | {p['dataset']} | {p['clp']:.2f} | {100 * p['auroc']:.2f} |")
+    return "\n".join(lines) + "\n"
