@@ -10,6 +10,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -237,6 +239,50 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class Preempted(SystemExit):
+    """Raised after the checkpoint of a SIGTERM'd run is written; the exit status is 143 (128 + 15)."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+        logging.warning(message)
+
+    def __str__(self):
+        return self.message
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (the notice Cloud TPU VMs and most schedulers send) into a checkpoint and exit.
+
+    One process: a signal handler sets a flag checked after every step. Several processes: JAX's
+    preemption sync point, so that every host saves the same step.
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # the distributed preemption service is not running
+                return False
+        return self._flag
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train_data=None,
                        test_data=None) -> TrainState:
     """Trains both stages (resuming from `workdir` when it holds checkpoints) and returns the state.
@@ -294,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
                                                       every_steps=config.log_every_steps)  # logs steps/s, ETA
     pending_metrics = []
     last_log_time, last_log_step = time.time(), start_step
+    preemption = PreemptionWatcher()
     try:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -311,15 +358,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
                 summary["images_per_sec"] = steps_per_sec * config.train.batch_size
                 summary["stage"] = 1 if step <= stage1_steps else 2
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-            if step % config.checkpoint_every_steps == 0 or is_last:
+            preempted = preemption.requested(step)
+            if step % config.checkpoint_every_steps == 0 or is_last or preempted:
                 if pending_metrics:  # never checkpoint a state whose last step was not checked
                     _summarise(pending_metrics[-1:], step)
-                manager.save(step, args=ocp.args.StandardSave(state))
+                manager.save(step, args=ocp.args.StandardSave(state), force=preempted)
+            if preempted:
+                manager.wait_until_finished()
+                raise Preempted(f"preempted (SIGTERM) at step {step}: checkpoint saved in {workdir}; run the "
+                                f"same command again to resume from step {step}")
             if test_data is not None and (step % config.eval_every_steps == 0 or is_last):
                 accuracy = evaluate_accuracy(eval_step, state, test_data, config, mesh)
                 writer.write_scalars(step, {"eval/accuracy": accuracy})
                 logging.info("step %d: test accuracy %.4f", step, accuracy)
     finally:
+        preemption.close()
         manager.wait_until_finished()
         writer.flush()
     return state

@@ -53,6 +53,10 @@ def write(summary: dict, workdir: str, *, config, in_scores: Mapping[str, dict],
     summary["config"] = json.loads(config.to_json_best_effort())
     with open(os.path.join(workdir, "ood_report.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=False, default=float)
+    # Per-sample scores, for analyses across runs (e.g. the OOD-rank spread over seeds).
+    arrays = {f"in_distribution/{k}": v["scores"] for k, v in in_scores.items()}
+    arrays.update({f"{name}/{k}": v["scores"] for name, s in ood_scores.items() for k, v in s.items()})
+    np.savez(os.path.join(workdir, "ood_scores.npz"), **arrays)
     table = markdown_table(summary)
     with open(os.path.join(workdir, "ood_report.md"), "w") as f:
         f.write(table)

@@ -1,0 +1,49 @@
+"""The ablation study's smallest setting runs end to end, so the script cannot rot."""
+import json
+import math
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ablation  # noqa: E402
+
+
+def test_smoke_study_writes_table_and_skips_finished_runs(tmp_path, monkeypatch):
+    args = ["--preset=smoke", "--seeds=0", "--variants=supervised,contrastive+ls", f"--out={tmp_path}"]
+    table = ablation.main(args)  # one variant of each code path keeps the test short
+    assert set(table) == {"supervised", "contrastive+ls"}
+    for entry in table.values():
+        assert 0 <= entry["test_accuracy"]["mean"] <= 1
+        for per_scorer in entry["sets"].values():
+            assert set(per_scorer) == set(ablation.SCORERS)
+            assert all(0 <= s["auroc_mean"] <= 1 for s in per_scorer.values())
+            assert all(math.isnan(s["ood_rank_std_across_seeds"]) for s in per_scorer.values())  # one seed
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["meta"]["seeds"] == [0]
+    assert "| contrastive+ls |" in (tmp_path / "ablation.md").read_text()
+
+    # A second invocation finds every run finished and trains nothing.
+    from contrastood import train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    again = ablation.main(args)
+    for name, per_scorer in table["supervised"]["sets"].items():
+        for scorer, values in per_scorer.items():
+            assert again["supervised"]["sets"][name][scorer]["auroc"] == values["auroc"]
+
+
+def test_rank_spread_across_seeds(tmp_path):
+    import numpy as np
+
+    for seed, shift in ((0, 0.0), (1, 1.0)):
+        d = tmp_path / f"run{seed}"
+        d.mkdir()
+        np.savez(d / "ood_scores.npz", **{"in_distribution/gaussian": np.arange(10.0),
+                                          "ood/gaussian": np.array([2.5, 5.5]) + shift})
+    # ranks: seed 0 -> [30, 60]; seed 1 -> [40, 70]; std over seeds = 5 for both samples
+    assert ablation.rank_std_across_seeds([tmp_path / "run0", tmp_path / "run1"], "ood", "gaussian") == 5.0
