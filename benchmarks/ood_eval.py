@@ -7,7 +7,7 @@ Fits one Ledoit-Wolf Gaussian per class on N x d synthetic train features and sc
     scipy.linalg.solve_triangular on the centred test features (float64).
 
 Each method runs in its own subprocess so that its peak RSS (resource.getrusage) is its own. The
-reference costs O(d^3 + M d^2) per class (about 16 s per class at d=6144, M=20000 on 2 CPU cores), so at
+reference costs O(d^3 + M d^2) per class (15-30 s per class at d=6144, M=20000 on 2 CPU cores), so at
 C > --reference-classes it runs on the first `--reference-classes` classes only and its time is scaled
 by C / reference_classes (its classes are independent and equal-sized, so the cost is linear in C); the
 table says when it did. Scores are compared on those classes: every per-class log density, and the max
@@ -105,7 +105,7 @@ def run_ours(config: dict) -> tuple[dict, np.ndarray]:
     with timer("score"):
         log_densities = scorers.gaussian_log_densities(params, test)
     stats = {**timer.totals, "peak_rss_gb": _peak_rss_gb(), "data_rss_gb": data_rss,
-             "rank": params.eigvecs.shape[-1]}
+             "rank": params.components.shape[1]}
     return stats, log_densities[:, :config["reference_classes"]]
 
 
@@ -126,7 +126,8 @@ def run_reference(config: dict) -> tuple[dict, np.ndarray]:
             cholesky = np.linalg.cholesky(cov)
             log_det = 2.0 * np.sum(np.log(np.diag(cholesky)))
         with timer("score"):
-            whitened = scipy.linalg.solve_triangular(cholesky, (test64 - mean).T, lower=True, check_finite=False)
+            whitened = scipy.linalg.solve_triangular(cholesky, (test64 - mean).T, lower=True,
+                                                     check_finite=False)
             columns.append(-0.5 * (np.sum(whitened ** 2, axis=0) + log_det + dim * math.log(2 * math.pi)))
         del cov, cholesky, whitened
     stats = {**timer.totals, "peak_rss_gb": _peak_rss_gb(), "data_rss_gb": data_rss}

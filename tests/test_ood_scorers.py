@@ -54,7 +54,7 @@ def test_gaussian_score_matches_scipy_logpdf(counts, dim, shrinkage):
     queries = np.random.default_rng(1).normal(size=(23, dim)) * 3.0
     queries[:5] = features[np.linspace(0, len(features) - 1, 5).astype(int)]  # in-distribution points too
     params = scorers.fit_gaussians(features, labels, len(counts), shrinkage=shrinkage, ridge=1e-2)
-    assert params.eigvecs.shape[-1] == (dim if max(counts) >= dim else max(counts))
+    assert params.components.shape[1] == (dim if max(counts) >= dim else max(counts))
     expected = _scipy_log_densities(features, labels, queries, shrinkage)
 
     # Small chunks (not dividing M) and class batches exercise the padding paths.
@@ -77,8 +77,8 @@ def test_ledoit_wolf_coefficient_matches_sklearn_in_thin_case():
         assert 0 < coef < 1
         np.testing.assert_allclose(params.shrinkage_coefs[c], coef, rtol=1e-10)
     # Thin factors: one orthonormal column per kept direction, zero padding columns.
-    vecs = params.eigvecs[1]
-    np.testing.assert_allclose(vecs.T @ vecs, np.diag((np.abs(vecs).sum(0) > 0).astype(float)), atol=1e-10)
+    rows = params.components[1]
+    np.testing.assert_allclose(rows @ rows.T, np.diag((np.abs(rows).sum(1) > 0).astype(float)), atol=1e-10)
 
 
 def test_use_logdet_false_is_minus_half_mahalanobis():

@@ -12,15 +12,19 @@ run in float64 by default (under `jax.enable_x64`, without changing the caller's
 `Precision.HIGHEST` so that GPUs (TF32) and TPUs (bf16) do not silently drop to lower precision. kNN
 compares unit vectors with one dot product and defaults to float32 (HIGHEST), like faiss.
 
-Memory. A full d x d Cholesky factor per class is 100 x 6144^2 x 8 bytes = 30 GB for a WRN-50x3 on
-CIFAR-100. When a class has fewer examples than dimensions (n_c < d), its empirical covariance has rank
-< n_c, so the shrunk covariance (1 - a) S_c + a mu I is stored exactly as thin eigen factors
-(U_c [d, r], variances [r], and one variance for the orthogonal complement); Mahalanobis distances then
-follow from Woodbury and log-determinants from the matrix determinant lemma, at C * d * n_c memory and
-M * d * n_c flops per class. With n_c >= d (or a tied covariance) the factors are the full eigenbasis.
+Memory and speed. A full d x d Cholesky factor per class is 100 x 6144^2 x 8 bytes = 30 GB for a
+WRN-50x3 on CIFAR-100. When a class has fewer examples than dimensions (n_c < d), its empirical
+covariance has rank < n_c, so the shrunk covariance (1 - a) S_c + a mu I is stored exactly as thin eigen
+factors (U_c [d, r], variances [r], and one variance for the orthogonal complement), found from the
+n_c x n_c Gram matrix; Mahalanobis distances then follow from Woodbury and log-determinants from the
+matrix determinant lemma, at C * d * n_c memory and 2 M d n_c flops per class (a Cholesky solve costs
+M d^2). With n_c >= d (or a tied covariance) the factors are the full eigenbasis. Scoring is chunked
+over examples and over blocks of classes; benchmarks/ood_eval.py measures it against a per-class
+scikit-learn + Cholesky reference.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -29,6 +33,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:  # Optional (a scikit-learn dependency): only used to keep small LAPACK calls single-threaded.
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SHRINKAGE_METHODS = ("ledoit_wolf", "ridge", "none")
@@ -96,14 +105,15 @@ class GaussianParams:
 
     Sigma_c = U_c diag(variances_c) U_c^T + complement_variance_c * (I - U_c U_c^T). U_c has r orthonormal
     columns (r = d: full eigenbasis, the complement is empty; r < d: thin factors of a rank-deficient
-    class covariance, see the module docstring). Padding columns of U_c are zero with variance equal to
-    the complement variance, so they drop out of every formula. With `tied`, the leading axis of the
-    factors has size 1 and is shared by every class.
+    class covariance, see the module docstring), stored as the rows of `components` (like sklearn's PCA)
+    so that a block of classes is one contiguous [B * r, d] matrix for scoring. Padding rows are zero
+    with variance equal to the complement variance, so they drop out of every formula. With `tied`, the
+    leading axis of the factors has size 1 and is shared by every class.
 
     Attributes:
       means: [C, d] class means.
-      eigvecs: [G, d, r] orthonormal columns U_c (G = C, or 1 when tied), in the fit's dtype (the only
-        large array: C * d * r floats).
+      components: [G, r, d] rows U_c^T (G = C, or 1 when tied), in the fit's dtype (the only large
+        array: G * r * d floats).
       variances: [G, r] variance of Sigma_c along each column of U_c.
       complement_variance: [G] variance along every direction orthogonal to U_c (unused when r = d).
       log_dets: [C] log det Sigma_c.
@@ -115,7 +125,7 @@ class GaussianParams:
     """
 
     means: np.ndarray
-    eigvecs: np.ndarray
+    components: np.ndarray
     variances: np.ndarray
     complement_variance: np.ndarray
     log_dets: np.ndarray
@@ -135,7 +145,7 @@ class GaussianParams:
     def covariance(self, class_index: int) -> np.ndarray:
         """Dense d x d Sigma_c, for inspection and tests (d^2 memory: avoid at large d)."""
         group = 0 if self.tied else class_index
-        vecs, variances = self.eigvecs[group], self.variances[group]
+        vecs, variances = self.components[group].T, self.variances[group]
         cov = (vecs * variances) @ vecs.T
         if vecs.shape[1] < self.dim:
             cov += self.complement_variance[group] * (np.eye(self.dim) - vecs @ vecs.T)
@@ -171,7 +181,7 @@ def _fit_thin(examples, mean, count, ridge, *, method, dtype):
     """Thin eigen factors of one class's shrunk covariance from its n x n Gram matrix (n < d).
 
     `examples` is [n_max, d], zero-padded past `count` rows. With X the centred data, X X^T = V G V^T
-    gives S = X^T X / n = U diag(G / n) U^T with U = X^T V G^{-1/2}: O(n^2 d) instead of O(n d^2 + d^3).
+    gives S = X^T X / n = U diag(G / n) U^T with U^T = G^{-1/2} V^T X: O(n^2 d) instead of O(n d^2 + d^3).
     """
     num_rows, dim = examples.shape
     valid = (jnp.arange(num_rows) < count)[:, None]
@@ -180,16 +190,16 @@ def _fit_thin(examples, mean, count, ridge, *, method, dtype):
     gram = jnp.dot(centred, centred.T, precision=HIGHEST)
     row_norms_sq = jnp.diagonal(gram)
     gram_eigenvalues, gram_eigvecs = jnp.linalg.eigh(gram)  # ascending
-    # Directions with ~zero sample variance belong to the complement: their U columns would be noise.
+    # Directions with ~zero sample variance belong to the complement: their U rows would be noise.
     tolerance = jnp.max(gram_eigenvalues) * max(num_rows, dim) * jnp.finfo(dtype).eps
     keep = gram_eigenvalues > tolerance
     scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, gram_eigenvalues, 1.0)), 0.0)
-    eigvecs = jnp.dot(centred.T, gram_eigvecs, precision=HIGHEST) * scale
+    components = scale[:, None] * jnp.dot(gram_eigvecs.T, centred, precision=HIGHEST)
     variances, complement, coef = _shrink(
         gram_eigenvalues / count, jnp.sum(row_norms_sq) / count, jnp.sum(row_norms_sq ** 2),
         jnp.sum(gram ** 2) / count ** 2, count, dim, method, ridge)
     variances = jnp.where(keep, variances, complement)
-    return eigvecs, variances, complement, coef
+    return components, variances, complement, coef
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -208,7 +218,7 @@ def _fit_full(scatter, beta_sum, count, ridge, *, method, dtype):
     eigenvalues, eigvecs = jnp.linalg.eigh(cov)
     variances, complement, coef = _shrink(eigenvalues, jnp.trace(cov), beta_sum, jnp.sum(cov ** 2), count,
                                           cov.shape[0], method, ridge)
-    return eigvecs, variances, complement, coef
+    return eigvecs.T, variances, complement, coef
 
 
 def _scatter(features: np.ndarray, labels: np.ndarray, means: np.ndarray, rows: int,
@@ -312,33 +322,52 @@ def _log_det(variances: np.ndarray, complement: np.ndarray, dim: int) -> np.ndar
 def _fit_tied(features, labels, means, counts, shrinkage, ridge, dtype) -> GaussianParams:
     dim = features.shape[1]
     scatter, beta_sum = _scatter(features, labels, means, min(_SCATTER_CHUNK_ROWS, len(features)), dtype)
-    eigvecs, variances, complement, coef = jax.device_get(
+    components, variances, complement, coef = jax.device_get(
         _fit_full(scatter, beta_sum, features.shape[0], ridge, method=shrinkage, dtype=dtype))
     _check_nonsingular(variances, complement, dim, dtype, shrinkage, "The tied")
     variances, complement = np.asarray(variances, np.float64)[None], np.asarray(complement, np.float64)[None]
     log_det = _log_det(variances, complement, dim)
     return GaussianParams(
-        means=means, eigvecs=np.asarray(eigvecs, dtype)[None], variances=variances,
+        means=means, components=np.asarray(components, dtype)[None], variances=variances,
         complement_variance=complement, log_dets=np.repeat(log_det, len(counts)), counts=counts, tied=True,
         shrinkage=shrinkage, shrinkage_coefs=np.asarray(coef, np.float64)[None])
+
+
+# Eigenproblems up to this size run LAPACK single-threaded (see _lapack_threads_for).
+_SINGLE_THREAD_EIGH_MAX = 2048
+
+
+def _lapack_threads_for(size: int):
+    """Runs CPU LAPACK (which jax's CPU eigh calls) on one thread for small per-class eigenproblems.
+
+    Threading gains nothing at size ~ 500, and on a busy machine OpenBLAS's spin-waiting threads stalled
+    single 500 x 500 eigh calls for seconds (measured: 0.03 s single-threaded vs up to 3 s threaded).
+    Large problems (a tied 6144 x 6144 covariance) keep every thread.
+    """
+    if threadpool_limits is None or size > _SINGLE_THREAD_EIGH_MAX:
+        return contextlib.nullcontext()
+    # jaxlib's CPU LAPACK is SciPy's, loaded on the first eigh: load it now so that the limit reaches it.
+    import scipy.linalg  # noqa: F401  (scipy is a jax dependency)
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _fit_per_class_thin(features, order, starts, means, counts, shrinkage, ridge, dtype) -> GaussianParams:
     num_classes, dim = means.shape
     rows = int(counts.max())
-    eigvecs = np.empty((num_classes, dim, rows), dtype)
+    components = np.empty((num_classes, rows, dim), dtype)
     variances = np.empty((num_classes, rows), np.float64)
     complement, coefs = np.empty(num_classes), np.empty(num_classes)
-    for c in range(num_classes):
-        class_features = features[order[starts[c]:starts[c + 1]]]
-        outputs = jax.device_get(_fit_thin(
-            _padded_chunk(class_features, 0, len(class_features), rows), means[c], np.int64(counts[c]), ridge,
-            method=shrinkage, dtype=dtype))
-        eigvecs[c], variances[c], complement[c], coefs[c] = outputs
-        _check_nonsingular(variances[c], complement[c], dim, dtype, shrinkage,
-                           f"Class {c}'s ({counts[c]} examples, {dim} dims)")
+    with _lapack_threads_for(rows):
+        for c in range(num_classes):
+            class_features = features[order[starts[c]:starts[c + 1]]]
+            outputs = jax.device_get(_fit_thin(
+                _padded_chunk(class_features, 0, len(class_features), rows), means[c], np.int64(counts[c]),
+                ridge, method=shrinkage, dtype=dtype))
+            components[c], variances[c], complement[c], coefs[c] = outputs
+            _check_nonsingular(variances[c], complement[c], dim, dtype, shrinkage,
+                               f"Class {c}'s ({counts[c]} examples, {dim} dims)")
     return GaussianParams(
-        means=means, eigvecs=eigvecs, variances=variances, complement_variance=complement,
+        means=means, components=components, variances=variances, complement_variance=complement,
         log_dets=_log_det(variances, complement, dim), counts=counts, tied=False, shrinkage=shrinkage,
         shrinkage_coefs=coefs)
 
@@ -346,41 +375,43 @@ def _fit_per_class_thin(features, order, starts, means, counts, shrinkage, ridge
 def _fit_per_class_full(features, order, starts, means, counts, shrinkage, ridge, dtype) -> GaussianParams:
     num_classes, dim = means.shape
     rows = min(_SCATTER_CHUNK_ROWS, int(counts.max()))  # one chunk shape for all classes: one compilation
-    eigvecs = np.empty((num_classes, dim, dim), dtype)
+    components = np.empty((num_classes, dim, dim), dtype)
     variances = np.empty((num_classes, dim), np.float64)
     complement, coefs = np.empty(num_classes), np.empty(num_classes)
-    for c in range(num_classes):
-        class_features = features[order[starts[c]:starts[c + 1]]]
-        scatter, beta_sum = _scatter(class_features, np.zeros(len(class_features), np.int64), means[c:c + 1],
-                                     rows, dtype)
-        eigvecs[c], variances[c], complement[c], coefs[c] = jax.device_get(
-            _fit_full(scatter, beta_sum, counts[c], ridge, method=shrinkage, dtype=dtype))
-        _check_nonsingular(variances[c], complement[c], dim, dtype, shrinkage,
-                           f"Class {c}'s ({counts[c]} examples, {dim} dims)")
+    with _lapack_threads_for(dim):
+        for c in range(num_classes):
+            class_features = features[order[starts[c]:starts[c + 1]]]
+            scatter, beta_sum = _scatter(class_features, np.zeros(len(class_features), np.int64),
+                                         means[c:c + 1], rows, dtype)
+            components[c], variances[c], complement[c], coefs[c] = jax.device_get(
+                _fit_full(scatter, beta_sum, counts[c], ridge, method=shrinkage, dtype=dtype))
+            _check_nonsingular(variances[c], complement[c], dim, dtype, shrinkage,
+                               f"Class {c}'s ({counts[c]} examples, {dim} dims)")
     return GaussianParams(
-        means=means, eigvecs=eigvecs, variances=variances, complement_variance=complement,
+        means=means, components=components, variances=variances, complement_variance=complement,
         log_dets=_log_det(variances, complement, dim), counts=counts, tied=False, shrinkage=shrinkage,
         shrinkage_coefs=coefs)
 
 
 @jax.jit
-def _class_block_mahalanobis(x, origin, vecs, means, mean_projections, weights, inv_complement):
+def _class_block_mahalanobis(x, origin, components, means, mean_projections, weights, inv_complement):
     """[M, B] squared Mahalanobis distances to one block of B classes.
 
     Woodbury form, with tau the complement variance (1 / tau = 0 when U_c is a full basis):
         (x - mu)^T Sigma^-1 (x - mu)
             = ||x - mu||^2 / tau + sum_j (u_j^T x - u_j^T mu)^2 (1 / lambda_j - 1 / tau).
-    The block shares one [M, d] x [d, B * r] matmul, one large GEMM instead of B small ones (XLA runs
+    The block shares one [M, d] x [d, B * r] matmul: one large GEMM instead of B small ones (XLA runs
     matmuls inside a lax.map loop about 2x slower on CPU). Features and means are first shifted to a
     common origin (the mean of the class means), which removes the large shared offset of post-ReLU
     features before any cancellation.
 
-    Args: x [M, d]; origin [d]; vecs [d, B * r] (class-major columns); means [B, d] (shifted);
+    Args: x [M, d]; origin [d]; components [B * r, d] (class-major rows); means [B, d] (shifted);
       mean_projections [B, r] = U_c^T (mu_c - origin); weights [B, r]; inv_complement [B].
     """
     num_classes, rank = weights.shape
     x = x - origin
-    projected = jnp.dot(x, vecs, precision=HIGHEST).reshape(x.shape[0], num_classes, rank) - mean_projections
+    projected = jnp.dot(x, components.T, precision=HIGHEST).reshape(x.shape[0], num_classes, rank)
+    projected = projected - mean_projections
     within = jnp.sum(projected * projected * weights, axis=-1)
     to_means_sq = (jnp.sum(x * x, axis=1)[:, None] - 2.0 * jnp.dot(x, means.T, precision=HIGHEST)
                    + jnp.sum(means * means, axis=1)[None, :])
@@ -401,19 +432,18 @@ def _tied_mahalanobis(x, origin, whitened_means, whitening):
 def _class_blocks(params: GaussianParams, origin: np.ndarray, class_batch_size: int, dtype) -> list[tuple]:
     """Device-resident factors for _class_block_mahalanobis, one tuple per block of classes.
 
-    Built one block at a time so host memory only grows by one block's re-laid-out eigenvectors.
+    The reshape of a block's components to [B * r, d] is free (no host copy).
     """
-    full_basis = params.eigvecs.shape[-1] == params.dim
+    full_basis = params.components.shape[1] == params.dim
     inv_complement = np.zeros(params.num_classes) if full_basis else 1.0 / params.complement_variance
     weights = 1.0 / params.variances - inv_complement[:, None]
     blocks = []
     for start, stop in _chunks(params.num_classes, class_batch_size):
-        vecs = params.eigvecs[start:stop]
+        components = params.components[start:stop]
         means = params.means[start:stop] - origin
-        mean_projections = np.matmul(means[:, None, :], vecs)[:, 0]
-        flat_vecs = np.ascontiguousarray(vecs.transpose(1, 0, 2)).reshape(params.dim, -1)
+        mean_projections = np.matmul(components, means[:, :, None])[:, :, 0]
         blocks.append(tuple(jnp.asarray(a, dtype) for a in (
-            flat_vecs, means, mean_projections, weights[start:stop], inv_complement[start:stop])))
+            components.reshape(-1, params.dim), means, mean_projections, weights[start:stop], inv_complement[start:stop])))
     return blocks
 
 
@@ -434,9 +464,9 @@ def squared_mahalanobis(params: GaussianParams, features, *, chunk_size: int = 1
     with jax.enable_x64(True):
         origin = jnp.asarray(origin_np, dtype)
         if params.tied:
-            if params.eigvecs.shape[-1] != params.dim:
+            if params.components.shape[1] != params.dim:
                 raise ValueError("tied GaussianParams must hold a full eigenbasis; refit with fit_gaussians.")
-            whitening_np = params.eigvecs[0] / np.sqrt(params.variances[0])
+            whitening_np = params.components[0].T / np.sqrt(params.variances[0])
             whitening = jnp.asarray(whitening_np, dtype)
             whitened_means = jnp.asarray((params.means - origin_np) @ whitening_np, dtype)
 
