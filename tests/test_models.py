@@ -41,3 +41,17 @@ def test_bad_names_and_inputs_raise():
     model = models.create_model(model_config("resnet_tiny"), 10)
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
         model.init(jax.random.key(0), jnp.zeros((2, 32, 32)))
+
+
+def test_model_loss_augment_and_scoring_code_import_without_tensorflow():
+    """Only the input pipeline may import TensorFlow (design rule; boxes without TF must score)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import contrastood.models, contrastood.losses, contrastood.augment, contrastood.parallel\n"
+            "import contrastood.config_lib, contrastood.ood.scorers, contrastood.ood.metrics\n"
+            "import contrastood.ood.clp, contrastood.ood.plots\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
