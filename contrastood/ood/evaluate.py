@@ -111,7 +111,6 @@ def evaluate(config, workdir: str, state: Any = None) -> dict:
                             "num_test_examples": int(len(test_data.labels))},
         "scorers": list(config.ood.scorers),
         "results": results,
-        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
     }
     if jax.process_index() == 0:
         report.write(summary, workdir, config=config, in_scores=in_scores, ood_scores=ood_scores,
