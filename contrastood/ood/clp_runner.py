@@ -197,7 +197,8 @@ def _join_detector(config, workdir, state, union_test, probs, in_classes, class_
                                             seed=config.seed, data_dir=config.data.data_dir or None)
     train_feats = extractor(train_data, fit_only=True)
     feats = extractor(union_test, fit_only=True)
-    scores = evaluate.compute_scores(gaussian_only, train_feats, feats, config.data.num_classes)["gaussian"]["scores"]
+    fitted = evaluate.fit_scorers(gaussian_only, train_feats, config.data.num_classes)
+    scores = evaluate.compute_scores(gaussian_only, fitted, feats)["gaussian"]["scores"]
     labels = union_test.labels
     is_in = np.isin(labels, in_classes)
     in_scores, ood_scores, ood_labels = scores[is_in], scores[~is_in], labels[~is_in]

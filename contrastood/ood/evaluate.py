@@ -32,40 +32,41 @@ def restore_for_evaluation(config, workdir: str, mesh) -> tuple[Any, Any]:
     return model, state
 
 
-def compute_scores(config, train_feats: dict, eval_feats: dict, num_classes: int) -> dict[str, dict]:
-    """{scorer: {"scores": [N], "classes": [N] or None}} for one evaluated set."""
-    ood = config.ood
-    wanted = list(ood.scorers)
-    out: dict[str, dict] = {}
-    z_train, y_train = train_feats["pre_logits"], train_feats["labels"]
-    z = eval_feats["pre_logits"]
-    cache = train_feats.setdefault("_fitted", {})  # fitted once per evaluation, shared by all sets
-    if "gaussian" in wanted or "gaussian_no_logdet" in wanted:
-        if "gaussian" not in cache:
-            cache["gaussian"] = scorers.fit_gaussians(z_train, y_train, num_classes, tied=False,
-                                                      shrinkage=ood.shrinkage, ridge=ood.ridge)
-        for name, use_logdet in (("gaussian", True), ("gaussian_no_logdet", False)):
-            if name in wanted:
-                s, c = scorers.gaussian_score(cache["gaussian"], z, use_logdet=use_logdet)
-                out[name] = {"scores": s, "classes": c}
+def fit_scorers(config, train_feats: dict, num_classes: int) -> dict:
+    """Fits, once per evaluation, what the configured scorers need from the training features."""
+    ood, wanted = config.ood, set(config.ood.scorers)
+    z, y = train_feats["pre_logits"], train_feats["labels"]
+    fitted = {}
+    if wanted & {"gaussian", "gaussian_no_logdet"}:
+        fitted["gaussian"] = scorers.fit_gaussians(z, y, num_classes, tied=False, shrinkage=ood.shrinkage,
+                                                   ridge=ood.ridge)
     if "mahalanobis" in wanted:
-        if "tied" not in cache:
-            cache["tied"] = scorers.fit_gaussians(z_train, y_train, num_classes, tied=True,
-                                                  shrinkage=ood.shrinkage, ridge=ood.ridge)
-        s, c = scorers.mahalanobis_score(cache["tied"], z)
-        out["mahalanobis"] = {"scores": s, "classes": c}
-    if "msp" in wanted:
-        out["msp"] = {"scores": scorers.msp_score(eval_feats["logits"]), "classes": eval_feats["logits"].argmax(-1)}
-    if "energy" in wanted:
-        out["energy"] = {"scores": scorers.energy_score(eval_feats["logits"]), "classes": eval_feats["logits"].argmax(-1)}
-    if "odin" in wanted:
-        out["odin"] = {"scores": eval_feats["odin"], "classes": eval_feats["logits"].argmax(-1)}
+        fitted["tied"] = scorers.fit_gaussians(z, y, num_classes, tied=True, shrinkage=ood.shrinkage,
+                                               ridge=ood.ridge)
     if "knn" in wanted:
-        if "knn" not in cache:
-            cache["knn"] = scorers.fit_knn(z_train)
-        out["knn"] = {"scores": scorers.knn_score(cache["knn"], z, k=ood.knn_k), "classes": None}
-    return {k: {"scores": np.asarray(v["scores"], np.float64),
-                "classes": None if v["classes"] is None else np.asarray(v["classes"])} for k, v in out.items()}
+        fitted["knn"] = scorers.fit_knn(z)
+    return fitted
+
+
+def compute_scores(config, fitted: dict, feats: dict) -> dict[str, dict]:
+    """{scorer: {"scores": [N], "classes": [N] or None}} for one evaluated set (higher = more in-dist)."""
+    out: dict[str, tuple] = {}
+    z, logits = feats["pre_logits"], feats["logits"]
+    for name in config.ood.scorers:
+        if name in ("gaussian", "gaussian_no_logdet"):
+            out[name] = scorers.gaussian_score(fitted["gaussian"], z, use_logdet=name == "gaussian")
+        elif name == "mahalanobis":
+            out[name] = scorers.mahalanobis_score(fitted["tied"], z)
+        elif name == "msp":
+            out[name] = (scorers.msp_score(logits), logits.argmax(-1))
+        elif name == "energy":
+            out[name] = (scorers.energy_score(logits), logits.argmax(-1))
+        elif name == "odin":
+            out[name] = (feats["odin"], logits.argmax(-1))
+        elif name == "knn":
+            out[name] = (scorers.knn_score(fitted["knn"], z, k=config.ood.knn_k), None)
+    return {k: {"scores": np.asarray(s, np.float64), "classes": None if c is None else np.asarray(c)}
+            for k, (s, c) in out.items()}
 
 
 def evaluate(config, workdir: str, state: Any = None) -> dict:
@@ -89,7 +90,8 @@ def evaluate(config, workdir: str, state: Any = None) -> dict:
     train_feats, test_feats = extractor(train_data, fit_only=True), extractor(test_data)
     accuracy = float(np.mean(test_feats["logits"].argmax(-1) == test_feats["labels"]))
     logging.info("step %d: in-distribution test accuracy %.4f", step, accuracy)
-    in_scores = compute_scores(config, train_feats, test_feats, config.data.num_classes)
+    fitted = fit_scorers(config, train_feats, config.data.num_classes)
+    in_scores = compute_scores(config, fitted, test_feats)
 
     results: dict[str, dict] = {}
     ood_data: dict[str, Any] = {}
@@ -98,7 +100,7 @@ def evaluate(config, workdir: str, state: Any = None) -> dict:
         data = load(spec)
         ood_data[name] = data
         feats = extractor(data)
-        ood_scores[name] = compute_scores(config, train_feats, feats, config.data.num_classes)
+        ood_scores[name] = compute_scores(config, fitted, feats)
         results[name] = {scorer: metrics.compute_all(in_scores[scorer]["scores"], s["scores"])
                          for scorer, s in ood_scores[name].items()}
         results[name]["num_examples"] = int(len(data.labels))
