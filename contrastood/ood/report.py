@@ -63,7 +63,8 @@ def write(summary: dict, workdir: str, *, config, in_scores: Mapping[str, dict],
     print(table, flush=True)
 
     step = summary["step"]
-    writer = metric_writers.create_default_writer(workdir, just_logging=False)
+    # TensorBoard only: the table above already puts these numbers in the log, once and readable.
+    writer = metric_writers.SummaryWriter(workdir)
     scalars = {f"ood/{name}/{scorer}/{metric}": value
                for name, per_scorer in summary["results"].items()
                for scorer, values in per_scorer.items() if isinstance(values, dict)
