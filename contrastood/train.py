@@ -311,14 +311,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
     model = models.create_model(config.model, config.data.num_classes)
     schedule = learning_rate_schedule(config, stage1_steps, stage2_steps, warmup_steps)
     tx = create_optimizer(config, schedule)
-    init = jax.jit(functools.partial(create_train_state, model=model, tx=tx, image_size=config.data.image_size),
-                   out_shardings=parallel.replicated(mesh))
-    state = init(jax.random.key(config.seed))
-
     manager = checkpoint_manager(workdir, config)
-    restored = restore_latest(manager, abstract_train_state(model, tx, config, mesh))
-    if restored is not None:
-        state = restored
+    state = restore_latest(manager, abstract_train_state(model, tx, config, mesh))
+    if state is None:  # initialise only when there is nothing to resume (init compiles a whole forward pass)
+        init = jax.jit(functools.partial(create_train_state, model=model, tx=tx, image_size=config.data.image_size),
+                       out_shardings=parallel.replicated(mesh))
+        state = init(jax.random.key(config.seed))
     start_step = int(state.step)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -4,8 +4,8 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from contrastood import config_lib, input_pipeline, models, parallel, train
@@ -178,7 +178,7 @@ def test_nonfinite_loss_stops_without_checkpointing(tmp_path):
     model = models.create_model(config.model, 4)
     tx = train.create_optimizer(config, lambda s: 0.1)
     for step in steps:  # whatever was saved is finite
-        restored = manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(
+        restored = manager.restore(step, args=ocp.args.StandardRestore(
             train.abstract_train_state(model, tx, config, parallel.create_mesh())))
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
