@@ -1,26 +1,35 @@
-r"""Images per second of the full train step (two SimCLR views, L_con + lambda * L_class).
+r"""Images per second of the full train step (two SimCLR views, L_con + lambda * L_class), its FLOPs
+and model FLOP utilisation, and the speed of evaluation feature extraction.
 
   python benchmarks/train_throughput.py                                  # tiny + resnet18, batch 128
-  python benchmarks/train_throughput.py --models=resnet18 --batch=256 --dtype=bfloat16 --steps=5
+  python benchmarks/train_throughput.py --models=resnet18 --dtype=float32,bfloat16 --steps=5
 
 Times the jitted step on all available devices after compilation, with the batch already on the
 device (the input pipeline is not the cost: see benchmarks/augment_throughput.py). "img/s" counts
 source images (each makes two views, i.e. two network passes); "passes/s" counts augmented views
-through forward + backward, the unit to compare with a one-view supervised step.
+through forward + backward, the unit to compare with a one-view supervised step. GFLOP/step is
+XLA's estimate for the whole step on all devices; MFU divides the achieved FLOP/s by the peak of
+`contrastood.perf` (data sheet on TPUs/GPUs, a measured XLA matmul on CPUs). "extract img/s" is the
+OOD feature-extraction step (forward only, eval batch 500) and "x train" its speed per image over a
+training pass. Set XLA_FLAGS=--xla_force_host_platform_device_count=N before running to split a CPU.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastood import config_lib, models, parallel, train
+from contrastood import config_lib, models, parallel, perf, train
+from contrastood.ood import features
 
 
-def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool) -> dict:
+def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool,
+              eval_batch: int = 496) -> dict:
     config = config_lib.base_config("cpu")
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
@@ -42,18 +51,44 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-    state, metrics = compiled(state, data)
+    flops = perf.step_flops(compiled)  # per device
+    seconds, state = _time(lambda s: compiled(s, data), state, steps)
+    views = 2 if contrastive else 1
+    peak, peak_source = perf.peak_flops_per_device(dtype)
+    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps)
+    return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
+                step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
+                gflop_step=flops * mesh.devices.size / 1e9, gflop_s=flops * mesh.devices.size / seconds / 1e9,
+                mfu=perf.mfu(flops, 1.0 / seconds, peak), peak_source=peak_source,
+                peak_tflops=peak * mesh.devices.size / 1e12,
+                extract_img_s=eval_batch / extract_s, compile_s=compile_s)
+
+
+def _time(run_step, state, steps: int):
+    """-> (seconds per step after one warm-up call, final state); the state is donated, so threaded."""
+    state, metrics = run_step(state)
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, data)
+        state, metrics = run_step(state)
     jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - t0) / steps
-    views = 2 if contrastive else 1
-    return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
-                step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
-                gflop_s=flops / seconds / 1e9, compile_s=compile_s)
+    return (time.perf_counter() - t0) / steps, state
+
+
+def _extract_seconds(model, state, mesh, eval_batch: int, steps: int) -> float:
+    """Seconds per batch of the OOD feature-extraction step (pre_logits + logits, no ODIN)."""
+    extract = jax.jit(features.make_extract_step(model, odin=False, odin_temperature=1.0, odin_epsilon=0.0),
+                      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                      out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = np.random.default_rng(1).integers(0, 256, (eval_batch, 32, 32, 3), dtype=np.uint8)
+    batch = parallel.to_global({"image": images}, mesh)
+    jax.block_until_ready(extract(variables, batch))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = extract(variables, batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
 
 
 def main():
@@ -61,19 +96,32 @@ def main():
     parser.add_argument("--models", default="resnet_tiny,resnet18")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--supervised", action="store_true", help="one view, class loss only")
+    parser.add_argument("--eval_batch", type=int, default=496, help="feature-extraction batch")
+    parser.add_argument("--cpu_tuning", default="on", choices=["on", "off", "both"],
+                        help="contrastood.perf.compiler_options on CPU (off: XLA's defaults)")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, devices: {jax.devices()}")
-    header = f"{'model':<12} {'batch':>5} {'dtype':<9} {'views':>5} {'dev':>3} {'step s':>8} {'img/s':>8} " \
-             f"{'passes/s':>9} {'GFLOP/s':>8} {'compile s':>9}"
+    print(f"jax {jax.__version__}, {jax.device_count()} devices of kind {jax.devices()[0].device_kind!r}, "
+          f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    header = (f"{'model':<12} {'batch':>5} {'dtype':<9} {'XLA opts':<8} {'views':>5} {'dev':>3} {'step s':>7} {'img/s':>7} "
+              f"{'passes/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>7} {'MFU':>6} {'extract img/s':>13} "
+              f"{'x train':>7} {'compile s':>9}")
     print(header)
     print("-" * len(header))
+    sources = set()
+    tunings = ["off", "on"] if args.cpu_tuning == "both" else [args.cpu_tuning]
     for name in args.models.split(","):
-        r = benchmark(name, args.batch, args.steps, args.dtype, not args.supervised)
-        print(f"{r['model']:<12} {r['batch']:>5} {r['dtype']:<9} {r['views']:>5} {r['devices']:>3} "
-              f"{r['step_s']:>8.3f} {r['img_s']:>8.1f} {r['passes_s']:>9.1f} {r['gflop_s']:>8.1f} "
-              f"{r['compile_s']:>9.1f}", flush=True)
+        for dtype, tuning in itertools.product(args.dtype.split(","), tunings):
+            os.environ[perf.DISABLE_ENV] = "1" if tuning == "on" else "0"
+            r = benchmark(name, args.batch, args.steps, dtype, not args.supervised, args.eval_batch)
+            sources.add(f"{dtype}: {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']})")
+            print(f"{r['model']:<12} {r['batch']:>5} {r['dtype']:<9} {tuning:<8} {r['views']:>5} {r['devices']:>3} "
+                  f"{r['step_s']:>7.3f} {r['img_s']:>7.1f} {r['passes_s']:>8.1f} {r['gflop_step']:>10.1f} "
+                  f"{r['gflop_s']:>7.1f} {100 * r['mfu']:>5.1f}% {r['extract_img_s']:>13.1f} "
+                  f"{r['extract_img_s'] / r['passes_s']:>7.1f} {r['compile_s']:>9.1f}", flush=True)
+    for source in sorted(sources):
+        print("MFU peak, all devices:", source)
 
 
 if __name__ == "__main__":

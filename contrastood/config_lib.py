@@ -66,6 +66,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-6  # BN parameters and biases excluded (LARS: also from trust ratio)
     config.train.warmup_epochs = 30.0  # per stage, then cosine decay to 0 over the stage
     config.train.warmup_steps = -1  # >= 0 overrides warmup_epochs
+    # Denominator of train/mfu, TFLOP/s per device; 0: data sheet for TPUs/GPUs, a measured matmul on CPUs.
+    config.train.peak_tflops = 0.0
 
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000

@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 
-from contrastood import augment, config_lib, losses, models, parallel
+from contrastood import augment, config_lib, losses, models, parallel, perf
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -150,12 +150,13 @@ def make_eval_step(model: models.ContrastiveResNet) -> Callable[[TrainState, dic
 def jit_train_step(step_fn, mesh) -> Callable:
     """State replicated, batch sharded along 'data'; the old state's buffers are donated."""
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
+    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=(0,),
+                   compiler_options=perf.compiler_options())
 
 
 def jit_eval_step(step_fn, mesh) -> Callable:
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=repl)
+    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=repl, compiler_options=perf.compiler_options())
 
 
 def evaluate_accuracy(eval_step, state: TrainState, dataset, config: ml_collections.ConfigDict, mesh) -> float:
@@ -337,12 +338,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_secs=None,
                                                       every_steps=config.log_every_steps)  # logs steps/s, ETA
     pending_metrics = []
+    flops_per_step = peak_flops = float("nan")
+    first_batch = None
+    if start_step < total_steps:
+        # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
+        first_batch = parallel.to_global(next(batches), mesh)
+        train_step = train_step.lower(state, first_batch).compile()
+        flops_per_step = perf.step_flops(train_step)
+        peak_flops, _ = perf.log_peak(config.model.dtype, config.train.peak_tflops)
+        logging.info("train step: %.3g FLOPs per device (XLA estimate)", flops_per_step)
     last_log_time, last_log_step = time.time(), start_step
     preemption = PreemptionWatcher()
     try:
         for step in range(start_step + 1, total_steps + 1):
+            batch, first_batch = first_batch or parallel.to_global(next(batches), mesh), None
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_step(state, parallel.to_global(next(batches), mesh))
+                state, metrics = train_step(state, batch)
             pending_metrics.append(metrics)
             report_progress(step)
             is_last = step == total_steps
@@ -354,6 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
                 last_log_time, last_log_step = now, step
                 summary["steps_per_sec"] = steps_per_sec
                 summary["images_per_sec"] = steps_per_sec * config.train.batch_size
+                utilisation = perf.mfu(flops_per_step, steps_per_sec, peak_flops)
+                if np.isfinite(utilisation):
+                    summary["mfu"] = utilisation
                 summary["stage"] = 1 if step <= stage1_steps else 2
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
             preempted = preemption.requested(step)

@@ -139,9 +139,11 @@ def test_resume_equals_uninterrupted_and_writes_summaries(full_run, tmp_path, mo
 
     scalars = read_scalars(str(full_workdir))
     for tag in ("train/contrastive_loss", "train/contrastive_accuracy", "train/class_loss", "train/accuracy",
-                "train/learning_rate", "train/steps_per_sec", "eval/accuracy"):
+                "train/learning_rate", "train/steps_per_sec", "train/images_per_sec", "train/mfu",
+                "eval/accuracy"):
         assert tag in scalars, f"missing summary {tag}; have {sorted(scalars)}"
     assert [s for s, _ in scalars["train/learning_rate"]] == [2, 4, 6]
+    assert all(0 < v < 1.5 for _, v in scalars["train/mfu"]), scalars["train/mfu"]
     assert os.path.exists(full_workdir / "config.json")
 
 
@@ -209,3 +211,19 @@ def test_schedule_warms_up_and_restarts_per_stage(tmp_path):
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1.0)
     assert lrs[9] < 0.1 and lrs[10] == 0.0 and lrs[14] == pytest.approx(1.0)
     assert np.all(np.diff(lrs[14:]) <= 1e-7)
+
+
+def test_bfloat16_compute_trains_to_a_comparable_loss(tmp_path):
+    """Mixed precision (bf16 compute, fp32 params/BN statistics/losses) follows the fp32 run closely."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(tmp_path, stage1_steps=0, stage2_steps=20, contrastive=False, learning_rate=0.2,
+                             augmentation="standard")
+        config.model.dtype = dtype
+        config.log_every_steps = 4
+        state = train.train_and_evaluate(config, str(tmp_path / dtype))
+        assert jax.tree.leaves(state.params)[0].dtype == np.float32
+        losses[dtype] = np.array([v for _, v in read_scalars(str(tmp_path / dtype))["train/class_loss"]])
+    fp32, bf16 = losses["float32"], losses["bfloat16"]
+    assert fp32[-1] < 0.85 * fp32[0] and bf16[-1] < 0.85 * bf16[0], losses  # both learn
+    np.testing.assert_allclose(bf16, fp32, rtol=0.03)  # along the same curve

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastood import augment, parallel
+from contrastood import augment, parallel, perf
 from contrastood.ood import scorers
 
 FEATURE_KEYS = ("pre_logits", "logits")
@@ -57,7 +57,7 @@ class FeatureExtractor:
         self.tag = (f"size={config.data.image_size}|odin={self.odin}|T={config.ood.odin_temperature}"
                     f"|eps={config.ood.odin_epsilon}")
         shardings = dict(in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                         out_shardings=parallel.replicated(mesh))
+                         out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
         self._steps = {
             odin: jax.jit(make_extract_step(model, odin=odin, odin_temperature=config.ood.odin_temperature,
                                             odin_epsilon=config.ood.odin_epsilon), **shardings)
