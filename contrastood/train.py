@@ -207,6 +207,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: TrainState) -> Trai
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes config.json; warns when resuming a workdir that was started with another config."""
+    if jax.process_index() > 0:  # process 0 alone reads and writes it: others could read it half-written
+        return
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
@@ -216,9 +218,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             changed = sorted(k for k in set(_flatten(previous)) | set(_flatten(current))
                              if _flatten(previous).get(k) != _flatten(current).get(k))
             logging.warning("workdir %s was started with a different config; changed keys: %s", workdir, changed)
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -147,24 +147,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) ->
         "classwise_clp": {class_names[k]: v for k, v in classwise_all.items()},
         "dataset_confusion": {"names": [d.name for d in datasets], "matrix": dataset_matrix.tolist()},
     }
-    plot_dir = os.path.join(workdir, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
-    images = {
-        "clp/dendrogram": plots.dendrogram_plot(clp.dendrogram_linkage(distance), class_names,
-                                                [datasets[i].name for i in class_dataset],
-                                                os.path.join(plot_dir, "clp_dendrogram.png"),
-                                                title="Classes of the union, average linkage on CLP confusion distance"),
-        "clp/dataset_confusion": plots.confusion_matrix_plot(dataset_matrix, [d.name for d in datasets],
-                                                            os.path.join(plot_dir, "clp_dataset_confusion.png"),
-                                                            title="Ensemble confusion between datasets"),
-    }
     detector = _join_detector(config, workdir, detector_state, union_test, probs, in_classes, class_dataset,
-                              datasets, class_names, mesh)
+                              datasets, class_names, mesh)  # collective: every process
     if detector is not None:
         summary["detector"] = detector["summary"]
-        images.update(_detector_plots(detector, plot_dir))
 
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # plots, reports and summaries: process 0 alone
+        plot_dir = os.path.join(workdir, "plots")
+        os.makedirs(plot_dir, exist_ok=True)
+        images = {
+            "clp/dendrogram": plots.dendrogram_plot(clp.dendrogram_linkage(distance), class_names,
+                                                    [datasets[i].name for i in class_dataset],
+                                                    os.path.join(plot_dir, "clp_dendrogram.png"),
+                                                    title="Classes of the union, average linkage on CLP confusion distance"),
+            "clp/dataset_confusion": plots.confusion_matrix_plot(dataset_matrix, [d.name for d in datasets],
+                                                                os.path.join(plot_dir, "clp_dataset_confusion.png"),
+                                                                title="Ensemble confusion between datasets"),
+        }
+        if detector is not None:
+            images.update(_detector_plots(detector, plot_dir))
         with open(os.path.join(workdir, "clp_report.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
         table = markdown(summary)

@@ -73,14 +73,12 @@ class FeatureExtractor:
         with_odin = self.odin and not fit_only
         tag = f"{self.tag}|odin_computed={with_odin}"
         path = _cache_path(self.workdir, self.step, dataset.name, tag) if self.workdir else None
-        if path and os.path.exists(path):
-            try:
-                with np.load(path) as cached:
-                    if len(cached["labels"]) == len(dataset.labels):
-                        logging.info("features of %s at step %d from cache %s", dataset.name, self.step, path)
-                        return dict(cached)
-            except Exception as error:  # a truncated cache file is recomputed, never trusted
-                logging.warning("ignoring unreadable feature cache %s (%s)", path, error)
+        cached = _read_cache(path, len(dataset.labels)) if path else None
+        # Extraction is collective: every process must take the same branch, so the cache is used only
+        # where all of them could read it (process 0 may have written it since another one looked).
+        if _all_processes(cached is not None):
+            logging.info("features of %s at step %d from cache %s", dataset.name, self.step, path)
+            return cached
         result = self._extract(dataset, with_odin)
         if path and jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -112,6 +110,27 @@ class FeatureExtractor:
         if len(order) != len(dataset.labels):
             raise RuntimeError(f"extracted {len(order)} examples of {dataset.name} but it has {len(dataset.labels)}")
         return result
+
+
+def _read_cache(path: str, num_examples: int) -> dict[str, np.ndarray] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as cached:
+            if len(cached["labels"]) == num_examples:
+                return dict(cached)
+    except Exception as error:  # a truncated cache file is recomputed, never trusted
+        logging.warning("ignoring unreadable feature cache %s (%s)", path, error)
+    return None
+
+
+def _all_processes(flag: bool) -> bool:
+    """True where `flag` holds on every process (a collective under several processes)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _gather_indices(local_index: np.ndarray, mesh) -> np.ndarray:
