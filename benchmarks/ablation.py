@@ -36,7 +36,7 @@ VARIANTS = {  # name -> (contrastive, label smoothing)
 SCORERS = ["gaussian", "msp", "mahalanobis"]
 
 
-def study_config(preset: str, data: pathlib.Path, variant: str, seed: int):
+def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps: int | None = None):
     from contrastood import config_lib
 
     contrastive, smoothing = VARIANTS[variant]
@@ -57,7 +57,7 @@ def study_config(preset: str, data: pathlib.Path, variant: str, seed: int):
         c.data.num_classes = 6
         c.ood.sets = {"near_digits_6to9": "sklearn:digits:test#classes=6-9", "far_noise": "noise:gaussian:64"}
         c.train.batch_size = 32
-        steps, warmup = 3, 1
+        steps, warmup = steps or 3, 1
         c.eval_batch_size = 64
     else:
         train = f"npz:{data}/cifar10-train-part1of2.npz+{data}/cifar10-train-part2of2.npz"
@@ -70,7 +70,8 @@ def study_config(preset: str, data: pathlib.Path, variant: str, seed: int):
             "far_gaussian_noise": "noise:gaussian:2000",
         }
         c.train.batch_size = 128
-        steps, warmup = (1500, 75) if preset == "full" else (300, 20)
+        preset_steps, preset_warmup = (1500, 75) if preset == "full" else (300, 20)
+        steps, warmup = (steps, max(1, steps // 20)) if steps else (preset_steps, preset_warmup)
         c.eval_batch_size = 500
     # Same budget of joint/supervised steps for every variant; contrastive variants first spend the
     # same number of steps on stage 1 (as in the paper, pre-training comes on top).
@@ -160,6 +161,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=["smoke", "default", "full"])
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per stage, overriding the preset's budget (warm-up 5%% of it)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -176,12 +179,12 @@ def main(argv=None):
     start = time.time()
     for seed in seeds:
         for variant in variants:
-            config = study_config(args.preset, pathlib.Path(args.data), variant, seed)
+            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps)
             workdir = out / "runs" / f"{variant}_seed{seed}"
             workdirs[(variant, seed)] = workdir
             reports[(variant, seed)] = run_one(config, workdir)
     table = aggregate(reports, workdirs, seeds, variants)
-    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0])
+    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps)
     meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps,
             "batch": any_config.train.batch_size,
             "wall_seconds": sum(t["wall_seconds"] for t in table.values()),
