@@ -353,7 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch, first_batch = first_batch or parallel.to_global(next(batches), mesh), None
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            # The batch arrived by an explicit transfer; anything implicit here would be a hidden sync.
+            with jax.profiler.StepTraceAnnotation("train", step_num=step), jax.transfer_guard("disallow"):
                 state, metrics = train_step(state, batch)
             pending_metrics.append(metrics)
             report_progress(step)

@@ -227,3 +227,18 @@ def test_bfloat16_compute_trains_to_a_comparable_loss(tmp_path):
     fp32, bf16 = losses["float32"], losses["bfloat16"]
     assert fp32[-1] < 0.85 * fp32[0] and bf16[-1] < 0.85 * bf16[0], losses  # both learn
     np.testing.assert_allclose(bf16, fp32, rtol=0.03)  # along the same curve
+
+
+def test_train_loop_allows_no_implicit_host_to_device_transfer(tmp_path, monkeypatch):
+    """A batch that reaches the step as host arrays (a hidden copy every step) is an error, not a slowdown."""
+    config = tiny_config(tmp_path, stage1_steps=0, stage2_steps=2)
+    real_to_global = parallel.to_global
+    calls = []
+
+    def host_batch_after_first(batch, mesh):
+        calls.append(1)
+        return real_to_global(batch, mesh) if len(calls) == 1 else {k: np.asarray(v) for k, v in batch.items()}
+
+    monkeypatch.setattr(parallel, "to_global", host_batch_after_first)
+    with pytest.raises(Exception, match="(?i)transfer"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
