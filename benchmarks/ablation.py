@@ -36,14 +36,15 @@ VARIANTS = {  # name -> (contrastive, label smoothing)
 SCORERS = ["gaussian", "msp", "mahalanobis"]
 
 
-def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps: int | None = None):
+def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps: int | None = None,
+                 width: int = 1):
     from contrastood import config_lib
 
     contrastive, smoothing = VARIANTS[variant]
     c = config_lib.base_config()
     c.seed = seed
     c.model.name = "resnet_tiny"
-    c.model.width = 1
+    c.model.width = width
     c.model.proj_dim = 64
     c.train.contrastive = contrastive
     c.train.label_smoothing = smoothing
@@ -139,7 +140,7 @@ def aggregate(reports: dict, workdirs: dict, seeds: list[int], variants: list[st
 
 def markdown(table: dict, meta: dict) -> str:
     lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, {meta['steps']} steps per stage, "
-             f"tiny ResNet, batch {meta['batch']}; total wall time {meta['wall_seconds'] / 60:.1f} min on "
+             f"tiny ResNet x{meta.get('width', 1)}, batch {meta['batch']}; total wall time {meta['wall_seconds'] / 60:.1f} min on "
              f"{meta['machine']}. Mean ± std over seeds; AUROC and FPR@95TPR (in-distribution positive) in %; "
              f"rank σ = std across seeds of each OOD sample's rank (percentage points), averaged.", "",
              "| variant | test acc. | OOD set | Gaussian AUROC | Gaussian FPR95 | rank σ | MSP AUROC | Mahalanobis AUROC |",
@@ -163,6 +164,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per stage, overriding the preset's budget (warm-up 5%% of it)")
+    parser.add_argument("--width", type=int, default=1, help="width multiplier of the tiny ResNet (2: 32-64-128)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -179,13 +181,13 @@ def main(argv=None):
     start = time.time()
     for seed in seeds:
         for variant in variants:
-            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps)
+            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width)
             workdir = out / "runs" / f"{variant}_seed{seed}"
             workdirs[(variant, seed)] = workdir
             reports[(variant, seed)] = run_one(config, workdir)
     table = aggregate(reports, workdirs, seeds, variants)
-    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps)
-    meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps,
+    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps, args.width)
+    meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps, "width": args.width,
             "batch": any_config.train.batch_size,
             "wall_seconds": sum(t["wall_seconds"] for t in table.values()),
             "this_invocation_seconds": time.time() - start,
