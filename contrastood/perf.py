@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import re
 import time
 
 import jax
@@ -85,7 +86,7 @@ def table_peak_flops(device: jax.Device, dtype: str) -> float | None:
     """Data-sheet dense peak FLOP/s of one device in `dtype`, or None when the device is not listed."""
     kind = device.device_kind.lower()
     for name, (bf16, fp32) in _PEAK_TFLOPS.items():
-        if name in kind:
+        if re.search(rf"(^|\W){re.escape(name)}(\W|$)", kind):  # whole words: "l4" is not "l40s"
             return 1e12 * (bf16 if dtype == "bfloat16" else fp32)
     return None
 

@@ -33,6 +33,10 @@ def test_peak_sources():
     assert perf.table_peak_flops(Device(), "bfloat16") == 275e12
     Device.device_kind = "NVIDIA H100 80GB HBM3"
     assert perf.table_peak_flops(Device(), "float32") == 67e12
+    Device.device_kind = "NVIDIA L40S"  # not an L4
+    assert perf.table_peak_flops(Device(), "bfloat16") is None
+    Device.device_kind = "TPU v5 lite"
+    assert perf.table_peak_flops(Device(), "bfloat16") == 197e12
     Device.device_kind = "some new chip"
     assert perf.table_peak_flops(Device(), "bfloat16") is None
 
@@ -53,15 +57,17 @@ def test_cpu_compiler_options_keep_the_numbers(monkeypatch):
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 4, 16).astype(np.int32)}
-    results = {}
+    results, programs = {}, {}
     for tuning in ("0", "1"):
         monkeypatch.setenv(perf.DISABLE_ENV, tuning)
         assert bool(perf.compiler_options()) == (tuning == "1")
         state = parallel.replicate(train.create_train_state(jax.random.key(0), model, tx, 32), mesh)
         step = train.jit_train_step(train.make_train_step(model, tx, config, 1, schedule), mesh)
+        programs[tuning] = step.lower(state, parallel.to_global(batch, mesh)).compile().as_text()
         for _ in range(2):
             state, metrics = step(state, parallel.to_global(batch, mesh))
         results[tuning] = jax.device_get((metrics, state.params))
+    assert programs["0"] != programs["1"], "jit_train_step did not pass perf.compiler_options() to XLA"
     (m0, p0), (m1, p1) = results["0"], results["1"]
     for key in ("loss", "contrastive_loss", "class_loss", "grad_norm"):
         np.testing.assert_allclose(m0[key], m1[key], rtol=1e-5)
