@@ -37,13 +37,13 @@ SCORERS = ["gaussian", "msp", "mahalanobis"]
 
 
 def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps: int | None = None,
-                 width: int = 1):
+                 width: int = 1, model: str = "resnet_tiny"):
     from contrastood import config_lib
 
     contrastive, smoothing = VARIANTS[variant]
     c = config_lib.base_config()
     c.seed = seed
-    c.model.name = "resnet_tiny"
+    c.model.name = model
     c.model.width = width
     c.model.proj_dim = 64
     c.train.contrastive = contrastive
@@ -93,6 +93,7 @@ def run_one(config, workdir: pathlib.Path) -> dict:
 
     report = workdir / "ood_report.json"
     total = config.train.stage1_steps + config.train.stage2_steps
+    _check_same_study(config, workdir)
     if report.exists():
         done = json.loads(report.read_text())
         if done["step"] == total:
@@ -104,6 +105,26 @@ def run_one(config, workdir: pathlib.Path) -> dict:
     report.write_text(json.dumps({**json.loads(report.read_text()), "wall_seconds": summary["wall_seconds"]},
                                  indent=2))
     return json.loads(report.read_text())
+
+
+def _check_same_study(config, workdir: pathlib.Path) -> None:
+    """Refuses to reuse or resume a run that was started with other settings (say another --width).
+
+    Keys that exist on one side only are ignored: they are options added to the framework later,
+    whose defaults keep the old behaviour.
+    """
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    from contrastood import train
+
+    before = train._flatten(json.loads(saved.read_text()))
+    now = train._flatten(json.loads(config.to_json_best_effort()))
+    changed = sorted(k for k in set(before) & set(now) if before[k] != now[k])
+    if changed:
+        raise SystemExit(
+            f"{workdir} was run with other settings ({', '.join(f'{k}: {before[k]!r} -> {now[k]!r}' for k in changed)}). "
+            "Give this study its own --out, or delete that run directory to redo it.")
 
 
 def rank_std_across_seeds(workdirs: list[pathlib.Path], set_name: str, scorer: str) -> float:
@@ -140,7 +161,7 @@ def aggregate(reports: dict, workdirs: dict, seeds: list[int], variants: list[st
 
 def markdown(table: dict, meta: dict) -> str:
     lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, {meta['steps']} steps per stage, "
-             f"tiny ResNet x{meta.get('width', 1)}, batch {meta['batch']}; total wall time {meta['wall_seconds'] / 60:.1f} min on "
+             f"{meta.get('model', 'resnet_tiny')} x{meta.get('width', 1)}, batch {meta['batch']}; total wall time {meta['wall_seconds'] / 60:.1f} min on "
              f"{meta['machine']}. Mean ± std over seeds; AUROC and FPR@95TPR (in-distribution positive) in %; "
              f"rank σ = std across seeds of each OOD sample's rank (percentage points), averaged.", "",
              "| variant | test acc. | OOD set | Gaussian AUROC | Gaussian FPR95 | rank σ | MSP AUROC | Mahalanobis AUROC |",
@@ -164,7 +185,9 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per stage, overriding the preset's budget (warm-up 5%% of it)")
-    parser.add_argument("--width", type=int, default=1, help="width multiplier of the tiny ResNet (2: 32-64-128)")
+    parser.add_argument("--width", type=int, default=1, help="width multiplier of the ResNet (resnet_tiny x2: 32-64-128)")
+    parser.add_argument("--model", default="resnet_tiny",
+                        help="resnet_tiny (the CPU study), resnet18, resnet34 or resnet50 (accelerators)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -173,6 +196,10 @@ def main(argv=None):
 
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
+    from contrastood import models
+
+    if args.model not in models.ARCHITECTURES:
+        parser.error(f"unknown --model {args.model!r}; choose from {sorted(models.ARCHITECTURES)}")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -181,14 +208,15 @@ def main(argv=None):
     start = time.time()
     for seed in seeds:
         for variant in variants:
-            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width)
+            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width, args.model)
             workdir = out / "runs" / f"{variant}_seed{seed}"
             workdirs[(variant, seed)] = workdir
             reports[(variant, seed)] = run_one(config, workdir)
     table = aggregate(reports, workdirs, seeds, variants)
-    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps, args.width)
+    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps, args.width,
+                              args.model)
     meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps, "width": args.width,
-            "batch": any_config.train.batch_size,
+            "model": args.model, "batch": any_config.train.batch_size,
             "wall_seconds": sum(t["wall_seconds"] for t in table.values()),
             "this_invocation_seconds": time.time() - start,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -4,6 +4,8 @@ import math
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -35,6 +37,10 @@ def test_smoke_study_writes_table_and_skips_finished_runs(tmp_path, monkeypatch)
     for name, per_scorer in table["supervised"]["sets"].items():
         for scorer, values in per_scorer.items():
             assert again["supervised"]["sets"][name][scorer]["auroc"] == values["auroc"]
+
+    # The same --out with other settings is refused, naming what differs, rather than mixing studies.
+    with pytest.raises(SystemExit, match=r"model.width: 1 -> 2.*its own --out"):
+        ablation.main(args + ["--width=2"])
 
 
 def test_rank_spread_across_seeds(tmp_path):
