@@ -37,7 +37,7 @@ SCORERS = ["gaussian", "msp", "mahalanobis"]
 
 
 def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps: int | None = None,
-                 width: int = 1, model: str = "resnet_tiny"):
+                 width: int = 1, model: str = "resnet_tiny", train_fraction: float = 1.0):
     from contrastood import config_lib
 
     contrastive, smoothing = VARIANTS[variant]
@@ -74,6 +74,10 @@ def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps
         preset_steps, preset_warmup = (1500, 75) if preset == "full" else (300, 20)
         steps, warmup = (steps, max(1, steps // 20)) if steps else (preset_steps, preset_warmup)
         c.eval_batch_size = 500
+    if not 0 < train_fraction <= 1:
+        raise SystemExit(f"--train_fraction must be in (0, 1], got {train_fraction}")
+    if train_fraction < 1:  # a fixed subset (seed 0) of the training images, the same for every variant
+        c.data.train += f"&fraction=0:{train_fraction:g}"
     # Same budget of joint/supervised steps for every variant; contrastive variants first spend the
     # same number of steps on stage 1 (as in the paper, pre-training comes on top).
     c.train.stage1_steps = steps if contrastive else 0
@@ -161,7 +165,8 @@ def aggregate(reports: dict, workdirs: dict, seeds: list[int], variants: list[st
 
 def markdown(table: dict, meta: dict) -> str:
     lines = [f"Preset `{meta['preset']}`, seeds {meta['seeds']}, {meta['steps']} steps per stage, "
-             f"{meta.get('model', 'resnet_tiny')} x{meta.get('width', 1)}, batch {meta['batch']}; total wall time {meta['wall_seconds'] / 60:.1f} min on "
+             f"{meta.get('model', 'resnet_tiny')} x{meta.get('width', 1)}, batch {meta['batch']}, "
+             f"{100 * meta.get('train_fraction', 1.0):g}% of the training images; total wall time {meta['wall_seconds'] / 60:.1f} min on "
              f"{meta['machine']}. Mean ± std over seeds; AUROC and FPR@95TPR (in-distribution positive) in %; "
              f"rank σ = std across seeds of each OOD sample's rank (percentage points), averaged.", "",
              "| variant | test acc. | OOD set | Gaussian AUROC | Gaussian FPR95 | rank σ | MSP AUROC | Mahalanobis AUROC |",
@@ -188,6 +193,9 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=1, help="width multiplier of the ResNet (resnet_tiny x2: 32-64-128)")
     parser.add_argument("--model", default="resnet_tiny",
                         help="resnet_tiny (the CPU study), resnet18, resnet34 or resnet50 (accelerators)")
+    parser.add_argument("--train_fraction", type=float, default=1.0,
+                        help="train on this fixed fraction of the training images (the small-data regime, "
+                             "where a supervised network converges and collapses within the budget)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -208,15 +216,16 @@ def main(argv=None):
     start = time.time()
     for seed in seeds:
         for variant in variants:
-            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width, args.model)
+            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width, args.model,
+                                  args.train_fraction)
             workdir = out / "runs" / f"{variant}_seed{seed}"
             workdirs[(variant, seed)] = workdir
             reports[(variant, seed)] = run_one(config, workdir)
     table = aggregate(reports, workdirs, seeds, variants)
     any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps, args.width,
-                              args.model)
+                              args.model, args.train_fraction)
     meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps, "width": args.width,
-            "model": args.model, "batch": any_config.train.batch_size,
+            "model": args.model, "train_fraction": args.train_fraction, "batch": any_config.train.batch_size,
             "wall_seconds": sum(t["wall_seconds"] for t in table.values()),
             "this_invocation_seconds": time.time() - start,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

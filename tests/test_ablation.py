@@ -53,3 +53,17 @@ def test_rank_spread_across_seeds(tmp_path):
                                           "ood/gaussian": np.array([2.5, 5.5]) + shift})
     # ranks: seed 0 -> [30, 60]; seed 1 -> [40, 70]; std over seeds = 5 for both samples
     assert ablation.rank_std_across_seeds([tmp_path / "run0", tmp_path / "run1"], "ood", "gaussian") == 5.0
+
+
+def test_train_fraction_is_a_fixed_subset_shared_by_every_variant():
+    from contrastood import input_pipeline
+
+    full = ablation.study_config("smoke", ROOT, "supervised", seed=0)
+    configs = [ablation.study_config("smoke", ROOT, v, seed=s, train_fraction=0.25)
+               for v in ("supervised", "contrastive+ls") for s in (0, 1)]
+    assert len({c.data.train for c in configs}) == 1  # seeds change the training, not the data
+    n_full = len(input_pipeline.load_arrays(full.data.train).labels)
+    n_part = len(input_pipeline.load_arrays(configs[0].data.train).labels)
+    assert abs(n_part - n_full / 4) <= 0.05 * n_full
+    with pytest.raises(SystemExit, match="train_fraction"):
+        ablation.study_config("smoke", ROOT, "supervised", seed=0, train_fraction=0)
