@@ -2,6 +2,8 @@ r"""Small-scale reproduction of the paper's Table 2 ablation on real CIFAR-10 (.
 
   python benchmarks/ablation.py --out=results/ablation                # the study (resumable)
   python benchmarks/ablation.py --preset=smoke --out=/tmp/ablation    # seconds: the test's setting
+  python benchmarks/ablation.py --width=4 --variants=supervised,contrastive+ls --out=results/ablation_width4
+  python benchmarks/ablation.py --model=resnet18 --preset=full --out=results/ablation_resnet18  # accelerators
 
 Four variants with the same tiny CIFAR ResNet, augmentations, step budget and scoring:
 supervised only; + label smoothing; + contrastive training; + both. Each trains on CIFAR-10 classes
