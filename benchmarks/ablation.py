@@ -2,7 +2,8 @@ r"""Small-scale reproduction of the paper's Table 2 ablation on real CIFAR-10 (.
 
   python benchmarks/ablation.py --out=results/ablation                # the study (resumable)
   python benchmarks/ablation.py --preset=smoke --out=/tmp/ablation    # seconds: the test's setting
-  python benchmarks/ablation.py --width=4 --variants=supervised,contrastive+ls --out=results/ablation_width4
+  python benchmarks/ablation.py --width=4 --variants=supervised,label_smoothing,contrastive+ls \
+      --out=results/ablation_width4                                  # the other settings: see the README
   python benchmarks/ablation.py --model=resnet18 --preset=full --out=results/ablation_resnet18  # accelerators
 
 Four variants with the same tiny CIFAR ResNet, augmentations, step budget and scoring:
@@ -196,8 +197,8 @@ def main(argv=None):
     parser.add_argument("--model", default="resnet_tiny",
                         help="resnet_tiny (the CPU study), resnet18, resnet34 or resnet50 (accelerators)")
     parser.add_argument("--train_fraction", type=float, default=1.0,
-                        help="train on this fixed fraction of the training images (the small-data regime, "
-                             "where a supervised network converges and collapses within the budget)")
+                        help="train on this fixed fraction of the training images (the small-data regime: "
+                             "more epochs for the same steps)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -214,18 +215,17 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     out = pathlib.Path(args.out)
+    setting = dict(steps=args.steps, width=args.width, model=args.model, train_fraction=args.train_fraction)
     reports, workdirs = {}, {}
     start = time.time()
     for seed in seeds:
         for variant in variants:
-            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, args.steps, args.width, args.model,
-                                  args.train_fraction)
+            config = study_config(args.preset, pathlib.Path(args.data), variant, seed, **setting)
             workdir = out / "runs" / f"{variant}_seed{seed}"
             workdirs[(variant, seed)] = workdir
             reports[(variant, seed)] = run_one(config, workdir)
     table = aggregate(reports, workdirs, seeds, variants)
-    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], args.steps, args.width,
-                              args.model, args.train_fraction)
+    any_config = study_config(args.preset, pathlib.Path(args.data), "supervised", seeds[0], **setting)
     meta = {"preset": args.preset, "seeds": seeds, "steps": any_config.train.stage2_steps, "width": args.width,
             "model": args.model, "train_fraction": args.train_fraction, "batch": any_config.train.batch_size,
             "wall_seconds": sum(t["wall_seconds"] for t in table.values()),
