@@ -115,22 +115,17 @@ def run_one(config, workdir: pathlib.Path) -> dict:
 
 
 def _check_same_study(config, workdir: pathlib.Path) -> None:
-    """Refuses to reuse or resume a run that was started with other settings (say another --width).
-
-    Keys that exist on one side only are ignored: they are options added to the framework later,
-    whose defaults keep the old behaviour.
-    """
+    """Refuses to reuse or resume a run that was started with other settings (say another --width)."""
     saved = workdir / "config.json"
     if not saved.exists():
         return
     from contrastood import train
 
-    before = train._flatten(json.loads(saved.read_text()))
-    now = train._flatten(json.loads(config.to_json_best_effort()))
-    changed = sorted(k for k in set(before) & set(now) if before[k] != now[k])
-    if changed:
+    changes = train.config_changes(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()),
+                                   shared_keys_only=True)
+    if changes:
         raise SystemExit(
-            f"{workdir} was run with other settings ({', '.join(f'{k}: {before[k]!r} -> {now[k]!r}' for k in changed)}). "
+            f"{workdir} was run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())}). "
             "Give this study its own --out, or delete that run directory to redo it.")
 
 

@@ -215,11 +215,21 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         with open(path) as f:
             previous = json.load(f)
         if previous != current:
-            changed = sorted(k for k in set(_flatten(previous)) | set(_flatten(current))
-                             if _flatten(previous).get(k) != _flatten(current).get(k))
+            changed = sorted(config_changes(previous, current))
             logging.warning("workdir %s was started with a different config; changed keys: %s", workdir, changed)
     with open(path, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
+
+
+def config_changes(previous: dict, current: dict, *, shared_keys_only: bool = False) -> dict[str, tuple]:
+    """Dotted key -> (previous, current) for every value that differs between two config dicts.
+
+    With `shared_keys_only`, keys present on one side only (options added to the framework later,
+    whose defaults keep the old behaviour) are not changes.
+    """
+    before, after = _flatten(previous), _flatten(current)
+    keys = before.keys() & after.keys() if shared_keys_only else before.keys() | after.keys()
+    return {k: (before.get(k), after.get(k)) for k in sorted(keys) if before.get(k) != after.get(k)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

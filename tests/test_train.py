@@ -242,3 +242,12 @@ def test_train_loop_allows_no_implicit_host_to_device_transfer(tmp_path, monkeyp
     monkeypatch.setattr(parallel, "to_global", host_batch_after_first)
     with pytest.raises(Exception, match="(?i)transfer"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_config_changes_names_each_differing_dotted_key():
+    previous = {"model": {"width": 1, "name": "resnet_tiny"}, "seed": 0, "old_option": True}
+    current = {"model": {"width": 2, "name": "resnet_tiny"}, "seed": 0, "new_option": 3}
+    assert train.config_changes(previous, current) == {
+        "model.width": (1, 2), "new_option": (None, 3), "old_option": (True, None)}
+    assert train.config_changes(previous, current, shared_keys_only=True) == {"model.width": (1, 2)}
+    assert train.config_changes(current, current) == {}
