@@ -117,3 +117,14 @@ def test_rejects_degenerate_input(bad_in, bad_out, match):
                metrics.fpr_at_95_tpr_out, metrics.detection_accuracy, metrics.ood_rank, metrics.compute_all):
         with pytest.raises(ValueError, match=match):
             fn(bad_in, bad_out)
+
+
+@pytest.mark.parametrize("num_positive", [126500, 128660, 130260, 253000, 20, 100, 101])
+def test_fpr_at_95_is_exact_where_95_percent_is_a_whole_count(num_positive):
+    """At these sizes m / n == 0.95 exactly; a float division one ulp short moved the threshold down."""
+    needed = -(-95 * num_positive // 100)
+    positives = np.arange(num_positive, 0, -1, dtype=np.float64)  # the m-th largest is n - m + 1
+    negatives = np.full(50, num_positive - needed + 0.5)  # just above the (m+1)-th largest positive
+    expected = _sklearn_metrics(positives, negatives)
+    assert metrics.fpr_at_95_tpr_in(positives, negatives) == expected["fpr_at_95_tpr_in"] == 0.0
+    assert metrics.fpr_at_95_tpr_out(-negatives, -positives) == 0.0  # the same case, OOD as positive

@@ -12,11 +12,13 @@ AUPR-in n_in / (n_in + n_out), FPR@95 1.0, detection accuracy 0.5, OOD rank 0).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-TPR_LEVEL = 0.95
+TPR_PERCENT = 95  # FPR at this TPR, in percent (an integer: the index is exact)
 
 
 def _validated(name: str, scores) -> np.ndarray:
@@ -81,14 +83,18 @@ def _average_precision(positive_scores: jax.Array, negative_scores: jax.Array) -
     return jnp.sum(is_positive * precision) / positive_scores.shape[0]
 
 
-@jax.jit
 def _fpr_at_tpr(positive_scores: jax.Array, negative_scores: jax.Array) -> jax.Array:
     # The first ROC point (decreasing threshold) with TPR >= 0.95 sits at the m-th largest positive score,
-    # m the smallest count with m / n_pos >= 0.95 (same float64 division as sklearn); it accepts every
-    # negative scoring >= that threshold.
+    # m the smallest count with m / n_pos >= 0.95. m comes from exact integer arithmetic (100 m >= 95 n):
+    # a float quotient m / n can land one ulp below 0.95 (XLA:CPU's division is not correctly rounded)
+    # and move the threshold one positive down. It accepts every negative scoring >= that threshold.
     num_positive = positive_scores.shape[0]
-    tpr = jnp.arange(1, num_positive + 1, dtype=jnp.float64) / num_positive
-    needed = jnp.argmax(tpr >= TPR_LEVEL)  # 0-based index of the m-th largest positive.
+    needed = -(-TPR_PERCENT * num_positive // 100) - 1  # 0-based index of the m-th largest positive
+    return _accepted_fraction(positive_scores, negative_scores, needed)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _accepted_fraction(positive_scores: jax.Array, negative_scores: jax.Array, needed: int) -> jax.Array:
     threshold = jnp.sort(positive_scores)[::-1][needed]
     below_threshold = jnp.searchsorted(jnp.sort(negative_scores), threshold, side="left")
     accepted_negatives = (negative_scores.shape[0] - below_threshold).astype(jnp.float64)
