@@ -69,23 +69,52 @@ def test_classwise_clp_and_range_by_hand():
 
 
 def test_class_confusion_by_hand():
+    # Eq. 5: u[i, j] = u_{i->j} = mean over class j's samples of c_i(x): column j is class j's mean.
     confusion = clp.class_confusion(PROBS, LABELS, num_classes=3)
-    np.testing.assert_allclose(confusion[0], [0.55, 0.25, 0.20])
-    np.testing.assert_allclose(confusion[2], [0.075, 0.075, 0.85])
-    assert np.all(np.isnan(confusion[1]))  # no test sample of class 1
+    np.testing.assert_allclose(confusion[:, 0], [0.55, 0.25, 0.20])
+    np.testing.assert_allclose(confusion[:, 2], [0.075, 0.075, 0.85])
+    assert np.all(np.isnan(confusion[:, 1]))  # no test sample of class 1
+    assert confusion[2, 0] == pytest.approx(0.20)  # u_{2->0}: class 0's samples called class 2
+
+
+def test_eq5_and_eq6_against_a_hand_computation():
+    """A 3-class ensemble output worked through Eq. 5 and Eq. 6 of Appendix D by hand."""
+    probs = np.array([
+        [0.8, 0.1, 0.1],  # class 0
+        [0.6, 0.3, 0.1],  # class 0
+        [0.2, 0.7, 0.1],  # class 1
+        [0.0, 0.0, 1.0],  # class 2
+        [0.1, 0.1, 0.8],  # class 2
+    ])
+    labels = np.array([0, 0, 1, 2, 2])
+    u = clp.class_confusion(probs, labels, num_classes=3)
+    # u_{i->j} = mean over D_test,j of c_i(x)
+    hand_u = np.array([
+        [(0.8 + 0.6) / 2, 0.2, (0.0 + 0.1) / 2],
+        [(0.1 + 0.3) / 2, 0.7, (0.0 + 0.1) / 2],
+        [(0.1 + 0.1) / 2, 0.1, (1.0 + 0.8) / 2],
+    ])
+    np.testing.assert_allclose(u, hand_u, atol=1e-15)
+    d = clp.class_distance(u)
+    # d(0, 1) = sqrt(-log((u_{0->1} + u_{1->0}) / 2)) = sqrt(-log((0.2 + 0.2) / 2))
+    assert d[0, 1] == pytest.approx(math.sqrt(-math.log((0.2 + 0.2) / 2)), abs=1e-15)
+    assert d[0, 2] == pytest.approx(math.sqrt(-math.log((0.05 + 0.1) / 2)), abs=1e-15)
+    assert d[1, 2] == pytest.approx(math.sqrt(-math.log((0.05 + 0.1) / 2)), abs=1e-15)
+    np.testing.assert_array_equal(d, d.T)
+    np.testing.assert_array_equal(np.diag(d), 0.0)
 
 
 def test_class_distance_symmetric_zero_diagonal_by_hand():
     confusion = np.array([
-        [0.90, 0.08, 0.02],
+        [0.90, 0.08, 0.00],
         [0.10, 0.85, 0.05],
-        [0.00, 0.00, 1.00],
+        [0.00, 0.00, 0.95],
     ])
     distance = clp.class_distance(confusion)
     np.testing.assert_array_equal(distance, distance.T)
     np.testing.assert_array_equal(np.diag(distance), 0.0)
-    assert distance[0, 1] == pytest.approx(-math.log((0.08 + 0.10) / 2))
-    assert distance[1, 2] == pytest.approx(-math.log((0.05 + 0.00) / 2))
+    assert distance[0, 1] == pytest.approx(math.sqrt(-math.log((0.08 + 0.10) / 2)))
+    assert distance[1, 2] == pytest.approx(math.sqrt(-math.log((0.05 + 0.00) / 2)))
     # No mutual confusion at all stays finite (floored) and is the largest distance.
     assert np.isfinite(distance[0, 2]) and distance[0, 2] > distance[1, 2] > distance[0, 1]
 
@@ -93,17 +122,18 @@ def test_class_distance_symmetric_zero_diagonal_by_hand():
 def test_class_distance_propagates_empty_classes_as_nan():
     distance = clp.class_distance(clp.class_confusion(PROBS, LABELS, num_classes=3))
     assert np.isnan(distance[0, 1]) and np.isnan(distance[1, 2])
-    assert distance[0, 2] == pytest.approx(-math.log((0.20 + 0.075) / 2))
+    assert distance[0, 2] == pytest.approx(math.sqrt(-math.log((0.20 + 0.075) / 2)))
 
 
 def test_dataset_confusion_by_hand():
-    confusion = np.array([
+    by_true_class = np.array([  # rows: a class's samples, columns: the classes they are called
         [0.70, 0.20, 0.06, 0.04],
         [0.30, 0.60, 0.04, 0.06],
         [0.10, 0.00, 0.80, 0.10],
         [np.nan, np.nan, np.nan, np.nan],  # class without test samples is skipped
     ])
-    result = clp.dataset_confusion(confusion, class_to_dataset=[0, 0, 1, 1], num_datasets=3)
+    # Eq. 5's u is the transpose (u[i, j]: class j's samples called i).
+    result = clp.dataset_confusion(by_true_class.T, class_to_dataset=[0, 0, 1, 1], num_datasets=3)
     np.testing.assert_allclose(result[0], [((0.7 + 0.2) + (0.3 + 0.6)) / 2,
                                            ((0.06 + 0.04) + (0.04 + 0.06)) / 2, 0.0])
     np.testing.assert_allclose(result[1], [0.1 + 0.0, 0.8 + 0.1, 0.0])

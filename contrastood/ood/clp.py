@@ -12,9 +12,12 @@ A high CLP (close to 0) means the ensemble often mistakes test samples for inlie
 (each point of the paper's Fig. 1 / Fig. 6); the [min, max] of the class-wise CLPs is the range
 quoted in the paper's table headers. Sample-wise CLP is Eq. 4 for a single sample (Fig. 4c).
 
-The exact text of the appendix's class-confusion (Eq. 5) and class-distance (Eq. 6) formulas was
-not available when this was written, so these use the most natural definitions (see
-`class_confusion` and `class_distance`); the dataset-level matrix (Fig. 7) aggregation is ours.
+Appendix D defines the class confusion and distance behind the dendrogram (Fig. 8):
+
+    Eq. 5  u_{i->j} = (1 / |D_test,j|) * sum_{x in D_test,j} c_i(x)        (class-j samples called i)
+    Eq. 6  d(i, j) = sqrt( -log( (u_{i->j} + u_{j->i}) / 2 ) )
+
+and Fig. 7 shows the ensemble's confusion between datasets, rows = true labels, columns = predictions.
 
 Everything here is numpy/scipy/sklearn on host arrays, in float64: CLPs of far-OOD classes are
 around -12 (probabilities ~1e-5), where float32 sums lose precision.
@@ -166,12 +169,12 @@ def clp_range(classwise: Mapping[int, float]) -> tuple[float, float]:
 
 
 def class_confusion(probs, labels, num_classes: int) -> np.ndarray:
-    """Class confusion u [K, K]: u[i, j] = mean over test samples of class i of c_j(x).
+    """Eq. 5, u [K, K] with u[i, j] = u_{i->j}: the mean of c_i(x) over the test samples x of class j.
 
-    Our reading of the paper's Eq. 5 (u_{i->j}, confusion from class i to class j): the
-    ensemble-probability analogue of a row-normalised confusion matrix, so each populated row sums
-    to 1. Rows of classes without any test sample are NaN (there is nothing to average), which
-    callers must drop or handle before clustering.
+    Column j is the mean ensemble probability vector of class j's samples, so each populated column
+    sums to 1 (the transpose of a row-normalised "rows = true label" confusion matrix). Columns of
+    classes without any test sample are NaN (there is nothing to average); callers must drop or
+    handle them before clustering.
     """
     probs = _as_probs(probs)
     if probs.shape[1] != num_classes:
@@ -181,19 +184,17 @@ def class_confusion(probs, labels, num_classes: int) -> np.ndarray:
     labels = _as_labels(labels, probs.shape[0], num_classes)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     sums = np.zeros((num_classes, num_classes), dtype=np.float64)
-    np.add.at(sums, labels, probs)
+    np.add.at(sums, labels, probs)  # sums[j, i] = sum over class-j samples of c_i(x)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / counts[:, None]
+        return (sums / counts[:, None]).T
 
 
 def class_distance(confusion) -> np.ndarray:
-    """Class distance d [K, K] = -log( (u[i, j] + u[j, i]) / 2 ), with a zero diagonal.
+    """Eq. 6, d [K, K] = sqrt(-log((u[i, j] + u[j, i]) / 2)), with a zero diagonal.
 
-    Our reading of the paper's Eq. 6: confusion is directional, a distance for clustering must be
-    symmetric, so the two directions are averaged; the negative log puts it on the same scale as
-    CLP (near classes ~1, far classes ~10). Zero mutual confusion is floored at the smallest
-    positive float64 (d ~ 708) so that the linkage stays finite. NaN rows of `confusion` give NaN
-    distances.
+    Averaging the two directions makes the directional confusion a symmetric distance. Zero mutual
+    confusion is floored at the smallest positive float64 (d ~ 26.6) so that the linkage stays
+    finite. NaN entries of `confusion` (classes without test samples) give NaN distances.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
@@ -202,19 +203,21 @@ def class_distance(confusion) -> np.ndarray:
     if np.any(np.isinf(confusion)) or np.any(finite < 0) or np.any(finite > 1 + _SUM_TOLERANCE):
         raise ValueError("confusion must hold probabilities in [0, 1] (or NaN for empty classes).")
     mutual = 0.5 * (confusion + confusion.T)
-    distance = -np.log(np.maximum(mutual, np.finfo(np.float64).tiny))
+    # A mutual confusion above 1 by float round-off would give sqrt of a tiny negative number.
+    distance = np.sqrt(np.maximum(-np.log(np.maximum(mutual, np.finfo(np.float64).tiny)), 0.0))
     distance[np.isnan(mutual)] = np.nan
     np.fill_diagonal(distance, 0.0)
     return distance
 
 
 def dataset_confusion(confusion, class_to_dataset: Sequence[int], num_datasets: int) -> np.ndarray:
-    """Dataset-level confusion (Fig. 7), [D, D]: entry [a, b] is the mean, over the classes i of
-    dataset a, of the total probability sum_{j in b} u[i, j] that the ensemble gives to b's classes.
+    """Dataset-level confusion (Fig. 7), [D, D], rows = true dataset, columns = predicted dataset.
 
-    Every class of a weighs the same (the paper's test sets are class-balanced, where this equals
-    averaging over samples); classes whose confusion row is NaN (no test samples) are skipped, and a
-    dataset with no such class gets a NaN row. Populated rows sum to 1.
+    Entry [a, b] is the mean, over the classes j of dataset a, of the total probability
+    sum_{i in b} u_{i->j} that the ensemble gives to b's classes on class j's samples (`confusion`
+    is Eq. 5's u). Every class of a weighs the same (the paper's test sets are class-balanced, where
+    this equals averaging over samples); classes without test samples (NaN columns of u) are
+    skipped, and a dataset with no such class gets a NaN row. Populated rows sum to 1.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
@@ -228,11 +231,12 @@ def dataset_confusion(confusion, class_to_dataset: Sequence[int], num_datasets: 
         raise ValueError("class_to_dataset must hold integer dataset indices.")
     if class_to_dataset.min() < 0 or class_to_dataset.max() >= num_datasets:
         raise ValueError(f"class_to_dataset values must lie in [0, {num_datasets}).")
+    by_true_class = confusion.T  # [j, i]: class j's samples predicted as class i
     # [K, D]: probability each class's samples put on each dataset's classes.
     mass_per_dataset = np.zeros((confusion.shape[0], num_datasets), dtype=np.float64)
     for dataset in range(num_datasets):
-        mass_per_dataset[:, dataset] = confusion[:, class_to_dataset == dataset].sum(axis=1)
-    populated = ~np.any(np.isnan(confusion), axis=1)
+        mass_per_dataset[:, dataset] = by_true_class[:, class_to_dataset == dataset].sum(axis=1)
+    populated = ~np.any(np.isnan(by_true_class), axis=1)
     result = np.full((num_datasets, num_datasets), np.nan)
     for dataset in range(num_datasets):
         rows = populated & (class_to_dataset == dataset)
