@@ -1,16 +1,14 @@
-"""Post-hoc OOD scores from extracted features: class-conditional Gaussians, Mahalanobis, MSP, energy,
-ODIN and k-nearest neighbours.
+"""Class-conditional Gaussians on the penultimate features: the paper's Eq. 2 and its ablations.
 
-Convention: a higher score means "more in-distribution". Scorers take features already extracted from a
-model (numpy or JAX arrays): `pre_logits` [N, d] for the density and distance scores, `logits` [N, k]
-for the softmax-based ones; only ODIN needs the model itself.
+Scorers: `gaussian` (Eq. 2: max over classes of the log-density, per-class covariance),
+`gaussian_no_logdet` (the same without the log-determinant), `mahalanobis` (tied covariance, Lee et al.
+2018). Convention: a higher score means "more in-distribution".
 
 Precision. The Gaussian scores sum d ~ 6144 squared, whitened terms and a log-determinant of the same
 size, and the covariance eigenvalues they divide by span many orders of magnitude, so fitting and scoring
 run in float64 by default (under `jax.enable_x64`, without changing the caller's global setting). Pass
 `dtype=jnp.float32` on accelerators without fast float64 (TPUs, consumer GPUs); every matmul asks for
-`Precision.HIGHEST` so that GPUs (TF32) and TPUs (bf16) do not silently drop to lower precision. kNN
-compares unit vectors with one dot product and defaults to float32 (HIGHEST), like faiss.
+`Precision.HIGHEST` so that GPUs (TF32) and TPUs (bf16) do not silently drop to lower precision.
 
 Memory and speed. A full d x d Cholesky factor per class is 100 x 6144^2 x 8 bytes = 30 GB for a
 WRN-50x3 on CIFAR-100. When a class has fewer examples than dimensions (n_c < d), its empirical
@@ -28,11 +26,13 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from contrastood.ood.scorers.base import (FitContext, Scorer, as_matrix, check_chunk, check_dtype, chunks,
+                                          padded_chunk, register)
 
 try:  # Optional (a scikit-learn dependency): only used to keep small LAPACK calls single-threaded.
     from threadpoolctl import threadpool_limits
@@ -43,56 +43,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SHRINKAGE_METHODS = ("ledoit_wolf", "ridge", "none")
 # Rows per device call when accumulating a d x d scatter matrix (bounds memory to chunk x d floats).
 _SCATTER_CHUNK_ROWS = 4096
-
-
-# ----------------------------------------------------------------------------------------------------
-# Input validation.
-
-
-def _as_matrix(name: str, array, *, dim: int | None = None) -> np.ndarray:
-    """Returns `array` as a finite, non-empty numpy [N, D] array, or raises a ValueError naming the fix."""
-    array = np.asarray(array)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [num_examples, dim], got shape {array.shape}.")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape}); pass at least one example of dim >= 1.")
-    if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"{name} has dim {array.shape[1]} but the fitted model expects {dim}; "
-                         "score the same feature layer the model was fitted on.")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise ValueError(f"{name} must be real-valued, got dtype {array.dtype}.")
-    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-    if bad_rows.size:
-        raise ValueError(f"{name} has {int((~np.isfinite(array)).sum())} non-finite (NaN/inf) values in "
-                         f"{bad_rows.size} row(s), first rows {bad_rows[:10].tolist()}; "
-                         "fix the feature extraction or drop those examples.")
-    return array
-
-
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
-    return dtype
-
-
-def _check_chunk(name: str, value: int) -> int:
-    if int(value) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}.")
-    return int(value)
-
-
-def _chunks(num: int, chunk_size: int):
-    for start in range(0, num, chunk_size):
-        yield start, min(start + chunk_size, num)
-
-
-def _padded_chunk(array: np.ndarray, start: int, stop: int, rows: int) -> np.ndarray:
-    """Rows [start, stop) zero-padded to `rows`, so every device call has one shape (one compilation)."""
-    chunk = array[start:stop]
-    if chunk.shape[0] == rows:
-        return chunk
-    return np.concatenate([chunk, np.zeros((rows - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,10 +176,10 @@ def _scatter(features: np.ndarray, labels: np.ndarray, means: np.ndarray, rows: 
     """Accumulates the scatter matrix of the class-centred features in chunks of `rows` rows."""
     device_means = jnp.asarray(means, dtype)
     scatter, beta_sum = 0.0, 0.0
-    for start, stop in _chunks(features.shape[0], rows):
+    for start, stop in chunks(features.shape[0], rows):
         valid = np.arange(rows) < stop - start
         chunk_scatter, chunk_beta = _scatter_chunk(
-            _padded_chunk(features, start, stop, rows), _padded_chunk(labels, start, stop, rows), device_means,
+            padded_chunk(features, start, stop, rows), padded_chunk(labels, start, stop, rows), device_means,
             valid, dtype=dtype)
         scatter, beta_sum = scatter + chunk_scatter, beta_sum + chunk_beta
     return scatter, beta_sum
@@ -262,8 +212,10 @@ def fit_gaussians(features, labels, num_classes: int, *, tied: bool = False,
     Args:
       features: [N, d] training features (e.g. pre-logits).
       labels: [N] integer labels in [0, num_classes). Drop unlabelled (-1) examples first.
-      num_classes: C. Every class needs >= 1 example, and >= 2 unless `tied` (a per-class covariance
-        from one example is zero); an empty class has no mean and raises ValueError.
+      num_classes: C. Every class needs >= 1 example, and unless `tied` >= 2 with shrinkage "ridge" or
+        "none" and >= 3 with "ledoit_wolf" (a covariance from one example is zero, and Ledoit-Wolf's
+        shrinkage is exactly 0 at two, leaving a singular covariance); an empty class has no mean and
+        raises ValueError.
       tied: share one covariance, estimated from all examples centred on their class means (Lee et al.
         2018), instead of one per class (Winkens et al. 2020).
       shrinkage: "ledoit_wolf": the sklearn.covariance.ledoit_wolf estimator on each class's centred data
@@ -275,8 +227,8 @@ def fit_gaussians(features, labels, num_classes: int, *, tied: bool = False,
     Returns:
       GaussianParams with thin factors when every class has fewer examples than dimensions.
     """
-    dtype = _check_dtype(dtype)
-    features = _as_matrix("features", features)
+    dtype = check_dtype(dtype)
+    features = as_matrix("features", features)
     labels = np.asarray(labels)
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must have shape ({features.shape[0]},) to match features, "
@@ -298,7 +250,7 @@ def fit_gaussians(features, labels, num_classes: int, *, tied: bool = False,
                          "every class needs a mean (check labels and num_classes).")
     if not tied and (counts == 1).any():
         raise ValueError(f"classes {np.flatnonzero(counts == 1)[:10].tolist()} have a single example, whose "
-                         "covariance is zero; use tied=True or more examples per class.")
+                         "covariance is zero; fit with tied=True (the `mahalanobis` scorer) or give every class more examples.")
 
     num_examples, dim = features.shape
     order = np.argsort(labels, kind="stable")
@@ -361,7 +313,7 @@ def _fit_per_class_thin(features, order, starts, means, counts, shrinkage, ridge
         for c in range(num_classes):
             class_features = features[order[starts[c]:starts[c + 1]]]
             outputs = jax.device_get(_fit_thin(
-                _padded_chunk(class_features, 0, len(class_features), rows), means[c], np.int64(counts[c]),
+                padded_chunk(class_features, 0, len(class_features), rows), means[c], np.int64(counts[c]),
                 ridge, method=shrinkage, dtype=dtype))
             components[c], variances[c], complement[c], coefs[c] = outputs
             _check_nonsingular(variances[c], complement[c], dim, dtype, shrinkage,
@@ -438,7 +390,7 @@ def _class_blocks(params: GaussianParams, origin: np.ndarray, class_batch_size: 
     inv_complement = np.zeros(params.num_classes) if full_basis else 1.0 / params.complement_variance
     weights = 1.0 / params.variances - inv_complement[:, None]
     blocks = []
-    for start, stop in _chunks(params.num_classes, class_batch_size):
+    for start, stop in chunks(params.num_classes, class_batch_size):
         components = params.components[start:stop]
         means = params.means[start:stop] - origin
         mean_projections = np.matmul(components, means[:, :, None])[:, :, 0]
@@ -455,10 +407,10 @@ def squared_mahalanobis(params: GaussianParams, features, *, chunk_size: int = 1
     per block. No matrix is inverted: per-class factors give Woodbury solves; a tied covariance whitens
     the features once.
     """
-    dtype = _check_dtype(dtype)
-    features = _as_matrix("features", features, dim=params.dim)
-    chunk_size = min(_check_chunk("chunk_size", chunk_size), features.shape[0])
-    class_batch_size = _check_chunk("class_batch_size", class_batch_size)
+    dtype = check_dtype(dtype)
+    features = as_matrix("features", features, dim=params.dim)
+    chunk_size = min(check_chunk("chunk_size", chunk_size), features.shape[0])
+    class_batch_size = check_chunk("class_batch_size", class_batch_size)
     origin_np = params.means.mean(axis=0)
     distances = np.empty((features.shape[0], params.num_classes), np.float64)
     with jax.enable_x64(True):
@@ -480,8 +432,8 @@ def squared_mahalanobis(params: GaussianParams, features, *, chunk_size: int = 1
                 pending = [_class_block_mahalanobis(x, origin, *block) for block in blocks]
                 return np.concatenate([np.asarray(block_distances) for block_distances in pending], axis=1)
 
-        for start, stop in _chunks(features.shape[0], chunk_size):
-            chunk = jnp.asarray(_padded_chunk(features, start, stop, chunk_size), dtype)
+        for start, stop in chunks(features.shape[0], chunk_size):
+            chunk = jnp.asarray(padded_chunk(features, start, stop, chunk_size), dtype)
             distances[start:stop] = compute(chunk)[:stop - start]
     return distances
 
@@ -531,116 +483,47 @@ def mahalanobis_score(params_tied: GaussianParams, features, *, chunk_size: int 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logit-based scores.
+# The registered scorers.
 
 
-def msp_score(logits) -> np.ndarray:
-    """Maximum softmax probability (Hendrycks & Gimpel 2017)."""
-    logits = _as_matrix("logits", logits)
-    with jax.enable_x64(True):
-        return np.asarray(jnp.max(jax.nn.softmax(jnp.asarray(logits, jnp.float64), axis=-1), axis=-1))
+def class_gaussians(train, ctx: FitContext, *, tied: bool) -> GaussianParams:
+    """Per-class (or tied) Gaussians of the training pre-logits, fitted once per evaluation."""
+    ood = ctx.config.ood
+    return ctx.shared(f"gaussians/tied={tied}", lambda: fit_gaussians(
+        train["pre_logits"], train["labels"], ctx.num_classes, tied=tied, shrinkage=ood.shrinkage, ridge=ood.ridge))
 
 
-def energy_score(logits, temperature: float = 1.0) -> np.ndarray:
-    """Negative free energy T * logsumexp(logits / T) (Liu et al. 2020)."""
-    logits = _as_matrix("logits", logits)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    with jax.enable_x64(True):
-        scaled = jnp.asarray(logits, jnp.float64) / temperature
-        return np.asarray(temperature * jax.nn.logsumexp(scaled, axis=-1))
+@register
+class Gaussian(Scorer):
+    name = "gaussian"
+    rank = 0
+    description = "Eq. 2: max_c log N(f(x); mu_c, Sigma_c), per-class covariance (shrinkage: ood.shrinkage)"
+
+    def fit(self, train, ctx):
+        return class_gaussians(train, ctx, tied=False)
+
+    def score(self, fitted, features, ctx):
+        return gaussian_score(fitted, features["pre_logits"], use_logdet=True)
 
 
-def odin_score(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *,
-               temperature: float = 1000.0, epsilon: float = 0.0014) -> jax.Array:
-    """ODIN (Liang et al. 2018): temperature-scaled max softmax after a small input perturbation.
+@register
+class GaussianNoLogdet(Gaussian):
+    name = "gaussian_no_logdet"
+    rank = 1
+    description = "Eq. 2 without the log-determinant (ablation)"
 
-    x~ = x - epsilon * sign(-grad_x log S_y(x; T)), y the class predicted on x, and the score is
-    max softmax(logits(x~) / T). The defaults are ODIN's published T and epsilon, kept fixed: tuning them
-    on OOD data is not allowed here. epsilon is in the units of `images`; 0.0014 was set for [0, 1] pixels
-    (ODIN divides its gradient by the normalisation std, i.e. perturbs [0, 1] pixels), so pass images in
-    [0, 1] to a logits_fn that normalises internally.
-
-    Pure JAX, so it can be wrapped in jax.jit (with logits_fn closed over). The batch gradient is
-    per-example only if logits_fn treats examples independently (e.g. BatchNorm in inference mode).
-
-    Args:
-      logits_fn: float images [B, H, W, C] -> logits [B, k].
-      images: float images [B, H, W, C].
-    Returns:
-      [B] scores (a jax.Array).
-    """
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"images must be floating point, got {images.dtype}; convert uint8 to float first.")
-
-    def total_log_confidence(x):
-        log_probs = jax.nn.log_softmax(logits_fn(x) / temperature, axis=-1)
-        predicted = jax.lax.stop_gradient(jnp.argmax(log_probs, axis=-1))
-        return jnp.sum(jnp.take_along_axis(log_probs, predicted[:, None], axis=-1))
-
-    gradient = jax.grad(total_log_confidence)(images)
-    perturbed = images - epsilon * jnp.sign(-gradient)
-    return jnp.max(jax.nn.softmax(logits_fn(perturbed) / temperature, axis=-1), axis=-1)
+    def score(self, fitted, features, ctx):
+        return gaussian_score(fitted, features["pre_logits"], use_logdet=False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# k nearest neighbours.
+@register
+class Mahalanobis(Scorer):
+    name = "mahalanobis"
+    rank = 2
+    description = "Lee et al. 2018: minus the smallest Mahalanobis distance, tied covariance"
 
+    def fit(self, train, ctx):
+        return class_gaussians(train, ctx, tied=True)
 
-@dataclasses.dataclass(frozen=True)
-class KNNIndex:
-    """L2-normalised training features [N, d] (float32) for kNN scoring."""
-
-    features: np.ndarray
-
-
-def _l2_normalise(features: np.ndarray) -> np.ndarray:
-    features = features.astype(np.float64)
-    # An all-zero feature (possible after a ReLU) stays zero instead of becoming NaN.
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-
-
-def fit_knn(train_features) -> KNNIndex:
-    """Normalises and stores the training features (Sun et al. 2022 compare unit vectors)."""
-    train_features = _as_matrix("train_features", train_features)
-    return KNNIndex(features=_l2_normalise(train_features).astype(np.float32))
-
-
-@jax.jit
-def _squared_distances(x, train, train_norms_sq):
-    # Squared distances from norms and one matmul; norms are 1 except for all-zero features (norm 0).
-    return (jnp.sum(x * x, axis=1)[:, None] + train_norms_sq[None, :]
-            - 2.0 * jnp.dot(x, train.T, precision=HIGHEST))
-
-
-def _kth_neighbour_distance(x, train, train_norms_sq, *, k):
-    # The k-th smallest per row with numpy's O(N) introselect: XLA:CPU's top_k sorts the whole row and
-    # was 40x slower (90 s for 10,000 x 50,000 at d = 64).
-    distances_sq = np.asarray(_squared_distances(x, train, train_norms_sq))
-    kth_distance_sq = np.partition(distances_sq, k - 1, axis=1)[:, k - 1]
-    return np.sqrt(np.maximum(kth_distance_sq, 0.0))
-
-
-def knn_score(index: KNNIndex, features, k: int = 50, *, chunk_size: int = 1024,
-              dtype=jnp.float32) -> np.ndarray:
-    """Minus the distance from each normalised feature to its k-th nearest normalised training feature.
-
-    Sun et al. 2022 ("Out-of-distribution detection with deep nearest neighbors"), k=50 for CIFAR-10.
-    The [chunk_size, N] similarity block is the peak memory.
-    """
-    dtype = _check_dtype(dtype)
-    features = _as_matrix("features", features, dim=index.features.shape[1])
-    num_train = index.features.shape[0]
-    if not 1 <= int(k) <= num_train:
-        raise ValueError(f"k must be in [1, {num_train}] (the number of training features), got {k}.")
-    chunk_size = min(_check_chunk("chunk_size", chunk_size), features.shape[0])
-    normalised = _l2_normalise(features)
-    scores = np.empty(features.shape[0], np.float64)
-    with jax.enable_x64(True):
-        train = jnp.asarray(index.features, dtype)
-        train_norms_sq = jnp.sum(train * train, axis=1)
-        for start, stop in _chunks(features.shape[0], chunk_size):
-            chunk = jnp.asarray(_padded_chunk(normalised, start, stop, chunk_size), dtype)
-            distances = _kth_neighbour_distance(chunk, train, train_norms_sq, k=int(k))
-            scores[start:stop] = -np.asarray(distances)[:stop - start]
-    return scores
+    def score(self, fitted, features, ctx):
+        return mahalanobis_score(fitted, features["pre_logits"])
