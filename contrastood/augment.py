@@ -39,6 +39,7 @@ _FLIP, _COLOR_APPLY, _GRAY_APPLY = range(_CROP_UNIFORMS, _CROP_UNIFORMS + 3)
 _JITTER_START = _CROP_UNIFORMS + 3
 _NUM_UNIFORMS = _JITTER_START + _JITTER_UNIFORMS
 _BRIGHTNESS_MODES = ("additive", "multiplicative")
+AUGMENTATIONS = ("simclr", "standard")  # train.augmentation: SimCLR views, or pad-crop + flip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ class AugmentConfig:
     color_prob: float = 0.8
     grayscale_prob: float = 0.2
     brightness: str = "additive"
+    # False when the data pipeline already cut the crop on the host from the original image
+    # (data.pipeline): the device then flips and distorts colour only.
+    crop: bool = True
 
     def __post_init__(self):
         # Normalise sequences (e.g. lists from a ConfigDict) to float tuples so the config stays
@@ -79,6 +83,7 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.crop_aspect (width / height) must be positive, "
                              f"got {self.crop_aspect}")
         object.__setattr__(self, "flip", bool(self.flip))
+        object.__setattr__(self, "crop", bool(self.crop))
         for name in ("color_strength", "color_prob", "grayscale_prob"):
             object.__setattr__(self, name, float(getattr(self, name)))
         # tf.image.random_contrast / random_saturation need lower = 1 - 0.8 s >= 0.
@@ -291,9 +296,12 @@ def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax
     config, so e.g. turning colour jitter off does not change which crop an example gets."""
     uniforms = jax.random.uniform(key, (_NUM_UNIFORMS,))
     height, width = image.shape[0], image.shape[1]
-    box = _sample_crop_box(uniforms[:_CROP_UNIFORMS], height, width, config.crop_area, config.crop_aspect)
     flip = uniforms[_FLIP] < 0.5 if config.flip else False
-    image = _crop_resize_flip(image, box, flip)
+    if config.crop:
+        box = _sample_crop_box(uniforms[:_CROP_UNIFORMS], height, width, config.crop_area, config.crop_aspect)
+        image = _crop_resize_flip(image, box, flip)
+    else:
+        image = jnp.where(flip, image[:, ::-1], image)
     if config.color_prob > 0 and config.color_strength > 0:
         jittered = _color_jitter(uniforms[_JITTER_START:], image, config.color_strength, config.brightness)
         image = jnp.where(uniforms[_COLOR_APPLY] < config.color_prob, jittered, image)
@@ -337,6 +345,21 @@ def two_views(key: jax.Array, images_uint8: jax.Array,
     _check_images(images_uint8, "two_views")
     key_1, key_2 = jax.random.split(key)
     return _augment_batch(key_1, images_uint8, config), _augment_batch(key_2, images_uint8, config)
+
+
+def views_of_host_crops(key: jax.Array, views_uint8: jax.Array,
+                        config: AugmentConfig) -> tuple[jax.Array, ...]:
+    """Flip and colour distortion of crops the host already cut: uint8 [B, V, H, W, 3] -> V float
+    views [B, H, W, 3], view v keyed like `two_views` (jax.random.split(key, V)[v])."""
+    _check_config(config)
+    if config.crop:
+        raise ValueError("views_of_host_crops needs AugmentConfig(crop=False): the crops are already cut")
+    if views_uint8.ndim != 5:
+        raise ValueError(f"views_of_host_crops expects uint8 [B, V, H, W, 3], got shape {views_uint8.shape}")
+    keys = jax.random.split(key, views_uint8.shape[1])
+    if views_uint8.shape[1] == 1:
+        keys = [key]
+    return tuple(_augment_batch(keys[v], views_uint8[:, v], config) for v in range(views_uint8.shape[1]))
 
 
 def supervised_augment(key: jax.Array, images_uint8: jax.Array, *, pad: int = 4) -> jax.Array:

@@ -1,7 +1,17 @@
 r"""Entry point: `python -m contrastood.main --config=configs/cifar10.py --workdir=DIR`.
 
-Modes: `train` (both stages, then the OOD evaluation configured in `config.ood`), `evaluate` (OOD
-evaluation of the latest checkpoint in the workdir), `clp` (CLP ensemble and analysis).
+Modes: `train` (both stages, then the OOD evaluation configured in `config.ood`, then the CLP study if
+`clp.run_after_evaluation`), `evaluate` (OOD evaluation of the newest readable checkpoint), `clp` (CLP
+ensemble and analysis), `compare` (a baseline workdir against this one: the paper's Table 3 and Figs.
+4-6). The workdir may be local or a URL (gs://...); one run at a time holds it.
+
+Mistakes a user can fix (a bad override, a missing file, a locked or full workdir, an unreadable
+checkpoint) print one line naming the fix and exit with status 2; `--verbose` adds the traceback.
+SIGTERM and Ctrl-C save a checkpoint and exit with 143 and 130.
+
+`--config` is a path (`configs/digits.py:smoke`); a `configs/NAME.py` that does not exist relative to
+the current directory is taken from the installed package (`contrastood.configs`). OOD sets are
+added or replaced with `--config.ood.sets.NAME=SPEC` and dropped with `--config.ood.sets.NAME=`.
 
 Several processes (hosts, or one process per GPU): run the same command in each, adding
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the CONTRASTOOD_COORDINATOR,
@@ -10,23 +20,37 @@ this is detected. The workdir must be one directory all processes see. See `cont
 """
 from __future__ import annotations
 
+import errno
 import os
+import pathlib
+import sys
 
-# TensorFlow (used only by the input pipeline) must never take GPU/TPU memory from JAX.
+# TensorFlow (used only to decode TFDS sources) must never take GPU/TPU memory from JAX.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-import jax
+from contrastood import distributed, errors  # noqa: E402
 
-from contrastood import distributed
+MODES = ("train", "evaluate", "clp", "compare")
+_SETS_PREFIX = "--config.ood.sets."
+
+def package_configs() -> pathlib.Path:
+    """Where the installed `contrastood.configs` package lives (the repository's configs/ when editable)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("contrastood.configs")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py:cpu.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, features and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "clp"], "What to run.")
+flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for checkpoints, summaries, features and reports.")
+flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
+flags.DEFINE_string("baseline_workdir", None, "--mode=compare: the evaluated workdir of the baseline model.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of errors that are otherwise one line.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT where process 0 listens, the "
                     "same in every process (default: $CONTRASTOOD_COORDINATOR).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes "
@@ -38,10 +62,112 @@ flags.DEFINE_enum("distributed", None, list(distributed.MODES), "auto (default, 
                   "detected; on: always (JAX detects what is not given: Cloud TPU, Slurm, Open MPI); off: never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+_set_overrides: list[tuple[str, str]] = []
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def resolve_config_path(argv: list[str]) -> list[str]:
+    """`--config=configs/NAME.py[:ARG]` from any directory: a missing path is looked up in the package."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+            path, colon, variant = value.partition(":")
+            installed = package_configs() / pathlib.Path(path).name
+            if not os.path.exists(path) and installed.exists():
+                arg = f"--config={installed}{colon}{variant}"
+            elif not os.path.exists(path):
+                known = ", ".join(sorted(p.name for p in package_configs().glob("*.py") if p.name != "__init__.py"))
+                _fail(f"--config={value}: {path} does not exist (here or in the package's configs: {known})")
+        out.append(arg)
+    return out
+
+
+def split_set_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Takes `--config.ood.sets.NAME=SPEC` out of argv: config_flags cannot add keys to a dict."""
+    rest, sets = [], []
+    for arg in argv:
+        if arg.startswith(_SETS_PREFIX) and "=" in arg:
+            name, _, spec = arg[len(_SETS_PREFIX):].partition("=")
+            if not name or "." in name:
+                _fail(f"{arg}: write --config.ood.sets.NAME=SPEC (or NAME= to drop a set)")
+            sets.append((name, spec))
+        else:
+            rest.append(arg)
+    return rest, sets
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing with one-line errors (bad flags, unknown config keys, config file errors)."""
+    argv, sets = split_set_overrides(resolve_config_path(list(argv)))
+    _set_overrides.extend(sets)
+    sys.argv[:] = argv  # config_flags finds the --config.KEY overrides in sys.argv itself
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        _fail(str(error).splitlines()[0])
+    except errors.ContrastoodError as error:
+        _fail(str(error))
+    except (AttributeError, KeyError) as error:  # config_flags: an override of a key that does not exist
+        text = str(error).strip("'\"").replace("\\n", " ").replace('\\"', '"')
+        _fail(f"unknown config key in an override ({text}); check the spelling against the config file "
+              f"(--config.ood.sets.NAME=SPEC adds an OOD set)")
+    return argv
+
+
+def _apply_set_overrides(config) -> None:
+    for name, spec in _set_overrides:
+        if spec:
+            config.ood.sets[name] = spec
+        elif name in config.ood.sets:
+            del config.ood.sets[name]
+        else:
+            _fail(f"--config.ood.sets.{name}= drops a set, but there is no OOD set {name!r} "
+                  f"(sets: {', '.join(config.ood.sets) or 'none'})")
+
+
+def run(config, mode: str, workdir: str, baseline_workdir: str | None = None) -> None:
+    from contrastood import workdir as workdir_lib
+
+    if mode == "compare":
+        from contrastood.ood import compare
+
+        if not baseline_workdir:
+            raise errors.ConfigError("--mode=compare needs --baseline_workdir=DIR (an evaluated baseline workdir)")
+        compare.run(baseline_workdir, workdir)
+        return
+    if mode == "train":
+        with workdir_lib.locked(workdir, command="contrastood.main --mode=train"):
+            from contrastood import train
+
+            state = train.train_and_evaluate(config, workdir)
+            if config.ood.run_after_training and config.ood.sets:
+                from contrastood.ood import evaluate
+
+                evaluate.evaluate(config, workdir, state=state)
+            if config.clp.run_after_evaluation and config.clp.datasets:
+                from contrastood import clp_study
+
+                clp_study.run(config, workdir, detector_state=state)
+    elif mode == "evaluate":
+        from contrastood.ood import evaluate
+
+        evaluate.evaluate(config, workdir)
+    else:
+        from contrastood import clp_study
+
+        clp_study.run(config, workdir)
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
     # Before anything touches a device: afterwards jax.devices() spans every process.
     try:
         initialised = distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
@@ -54,22 +180,22 @@ def main(argv):
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     config = FLAGS.config
-    if FLAGS.mode == "train":
-        from contrastood import train
-        state = train.train_and_evaluate(config, FLAGS.workdir)
-        if config.ood.run_after_training and config.ood.sets:
-            from contrastood.ood import evaluate
-            evaluate.evaluate(config, FLAGS.workdir, state=state)
-        if config.clp.run_after_evaluation and config.clp.datasets:
-            from contrastood.ood import clp_runner
-            clp_runner.run(config, FLAGS.workdir, detector_state=state)
-    elif FLAGS.mode == "evaluate":
-        from contrastood.ood import evaluate
-        evaluate.evaluate(config, FLAGS.workdir)
-    else:
-        from contrastood.ood import clp_runner
-        clp_runner.run(config, FLAGS.workdir)
+    _apply_set_overrides(config)
+    try:
+        run(config, FLAGS.mode, FLAGS.workdir, FLAGS.baseline_workdir)
+    except errors.ContrastoodError as error:
+        if FLAGS.verbose:
+            raise
+        _fail(str(error))
+    except OSError as error:  # a full, read-only or unreachable disk or bucket
+        if FLAGS.verbose or error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                                errno.ENOENT):
+            raise
+        from contrastood import workdir as workdir_lib
+
+        where = f" ({error.filename})" if error.filename else ""
+        _fail(f"{workdir_lib.describe_os_error(error)}{where}: {workdir_lib.os_error_fix(error)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,7 +2,8 @@
 
 The encoder f follows the CIFAR variant used by SimCLR and Winkens et al.: a 3x3 stem with stride 1
 and no max-pool (32x32 inputs would be destroyed by the ImageNet stem), then residual stages whose
-widths scale with a width multiplier (ResNet-50 x3 gives the paper's 6144-D features).
+widths scale with a width multiplier (ResNet-50 x3 gives the paper's 6144-D features). Larger images
+(64 px and up, by default) get the ImageNet stem instead: 7x7 stride 2, then a 3x3 stride-2 max-pool.
 The model returns every representation the rest of the system needs by name, so training, feature
 extraction and scoring never reach into module internals.
 """
@@ -14,9 +15,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-# Per-channel statistics of the CIFAR-10 training set (in [0, 1]); inputs are standardised with them.
+# Per-channel statistics of the CIFAR-10 training set (in [0, 1]): the default input standardisation.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+STEMS = ("auto", "cifar", "imagenet")
 
 ModuleDef = Any
 
@@ -83,6 +85,9 @@ class ContrastiveResNet(nn.Module):
     proj_hidden_dim: int | None = None  # None: same as the feature dimension (SimCLR).
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
+    stem: str = "cifar"  # cifar | imagenet
+    mean: Sequence[float] = CIFAR_MEAN  # input standardisation, per channel, for images in [0, 1]
+    std: Sequence[float] = CIFAR_STD
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -92,13 +97,18 @@ class ContrastiveResNet(nn.Module):
                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=1e-5, dtype=self.dtype)
-        mean = jnp.asarray(CIFAR_MEAN, jnp.float32)
-        std = jnp.asarray(CIFAR_STD, jnp.float32)
+        mean = jnp.asarray(self.mean, jnp.float32)
+        std = jnp.asarray(self.std, jnp.float32)
         x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
 
         filters = self.base_filters * self.width_multiplier
-        x = conv(filters, (3, 3), name="stem_conv")(x)
-        x = nn.relu(norm(name="stem_bn")(x))
+        if self.stem == "imagenet":
+            x = conv(filters, (7, 7), (2, 2), name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        else:
+            x = conv(filters, (3, 3), name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
@@ -129,8 +139,18 @@ ARCHITECTURES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_model(model_config, num_classes: int) -> ContrastiveResNet:
-    """Builds the model named in `config.model` (name, width, proj_dim, proj_hidden_dim, dtype)."""
+def resolve_stem(stem: str, image_size: int) -> str:
+    """'auto' -> 'imagenet' for images of 64 px and more (config_lib.STEM_MIN_IMAGENET), else 'cifar'."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown model.stem {stem!r}; choose one of {STEMS}")
+    if stem == "auto":
+        return "imagenet" if image_size >= 64 else "cifar"
+    return stem
+
+
+def create_model(model_config, num_classes: int, *, image_size: int = 32, mean: Sequence[float] = CIFAR_MEAN,
+                 std: Sequence[float] = CIFAR_STD) -> ContrastiveResNet:
+    """Builds the model named in `config.model` (name, width, stem, proj_dim, proj_hidden_dim, dtype)."""
     name = model_config.name
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model.name {name!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -146,7 +166,23 @@ def create_model(model_config, num_classes: int) -> ContrastiveResNet:
         proj_dim=int(model_config.proj_dim),
         proj_hidden_dim=model_config.get("proj_hidden_dim") or None,
         dtype=DTYPES[model_config.dtype],
+        stem=resolve_stem(model_config.get("stem", "cifar"), image_size),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
     )
+
+
+def from_config(config, *, num_classes: int | None = None, train_source=None) -> ContrastiveResNet:
+    """The model a full config describes; data.mean/std = () are measured on `train_source`."""
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    if not mean:
+        if train_source is None:
+            raise ValueError("data.mean=() needs the training data to measure the input statistics")
+        from contrastood.data import pipeline
+
+        mean, std = pipeline.channel_statistics(train_source, config.data.image_size)
+    return create_model(config.model, config.data.num_classes if num_classes is None else num_classes,
+                        image_size=config.data.image_size, mean=mean, std=std)
 
 
 def feature_dim(model: ContrastiveResNet) -> int:

@@ -2,36 +2,30 @@
 
 Both stages run in one compiled step: the stage is a function of the step counter, so a run resumes
 mid-stage from any checkpoint and the device count never changes the program. The step is pure and
-jitted at the call site over a ('data',) mesh (see `parallel`).
+jitted at the call site over a ('data',) mesh (see `parallel`). Checkpoints, the workdir lock,
+signals and summaries are owned by `checkpointing`, `workdir`, `preemption` and `summaries`.
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
-import signal
-import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from clu import metric_writers, periodic_actions
 
-from contrastood import augment, config_lib, losses, models, parallel, perf
+from contrastood import (augment, checkpointing, config_lib, errors, losses, models, parallel, perf, preemption,
+                         summaries, workdir as workdir_lib)
+from contrastood.checkpointing import TrainState
+from contrastood.data import pipeline, sources
+from contrastood.errors import NonFiniteLossError  # noqa: F401  (re-exported for callers)
 
-
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
+OPTIMIZERS = ("lars", "sgd")
+SCHEDULES = ("per_stage", "continuous")
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -39,15 +33,19 @@ class TrainState(flax.struct.PyTreeNode):
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, stage1_steps: int, stage2_steps: int,
                            warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up then cosine decay to zero, restarted for each stage (paper, Appendix B)."""
+    """Linear warm-up then cosine decay to zero (paper, Appendix B).
+
+    train.schedule="per_stage": each stage warms up and decays on its own; "continuous": one warm-up
+    and one cosine over both stages ("without restarts").
+    """
     peak = config.train.learning_rate
 
     def stage(num_steps: int) -> optax.Schedule:
         warmup = min(warmup_steps, max(num_steps - 1, 0))
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), 0.0)
 
-    if stage1_steps == 0:
-        return stage(stage2_steps)
+    if config.train.schedule == "continuous" or stage1_steps == 0:
+        return stage(stage1_steps + stage2_steps)
     if stage2_steps == 0:
         return stage(stage1_steps)
     return optax.join_schedules([stage(stage1_steps), stage(stage2_steps)], [stage1_steps])
@@ -63,8 +61,10 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
     if t.optimizer == "lars":
         return optax.lars(schedule, weight_decay=t.weight_decay, weight_decay_mask=_decay_mask,
                           trust_ratio_mask=_decay_mask, momentum=t.momentum)
-    return optax.chain(optax.add_decayed_weights(t.weight_decay, _decay_mask),
-                       optax.sgd(schedule, momentum=t.momentum))
+    if t.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(t.weight_decay, _decay_mask),
+                           optax.sgd(schedule, momentum=t.momentum))
+    raise errors.ConfigError(f"train.optimizer={t.optimizer!r}; use one of {OPTIMIZERS}")
 
 
 def create_train_state(key: jax.Array, model: models.ContrastiveResNet, tx: optax.GradientTransformation,
@@ -75,19 +75,39 @@ def create_train_state(key: jax.Array, model: models.ContrastiveResNet, tx: opta
                       opt_state=tx.init(params))
 
 
+def abstract_train_state(model, tx, config, mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of a TrainState, without computing anything."""
+    shapes = jax.eval_shape(functools.partial(create_train_state, model=model, tx=tx,
+                                              image_size=config.data.image_size), jax.random.key(0))
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 # ----------------------------------------------------------------------------- steps
 
 
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(model: models.ContrastiveResNet, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, stage1_steps: int,
-                    schedule: optax.Schedule) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns the pure step function (state, global batch) -> (state, metrics)."""
+                    config: ml_collections.ConfigDict, stage1_steps: int, schedule: optax.Schedule, *,
+                    host_crops: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the pure step function (state, global batch) -> (state, metrics).
+
+    `host_crops`: the batch's images are [B, V, H, W, 3] crops the host cut from the original images
+    (data.pipeline); the device adds flip and colour distortion. Rows labelled -1 (data.unlabelled)
+    enter the contrastive loss only.
+    """
     t = config.train
     contrastive = bool(t.contrastive)
-    aug_config = augment.AugmentConfig.from_mapping(config.augment)
+    aug_config = augment.AugmentConfig.from_mapping({**config.augment.to_dict(), "crop": not host_crops})
     base_key = jax.random.key(config.seed + 1)
+    masked = bool(config.data.unlabelled)
 
     def make_views(key, images):
+        if host_crops and t.augmentation == "simclr":
+            return jnp.concatenate(augment.views_of_host_crops(key, images, aug_config), axis=0)
         if contrastive:
             v1, v2 = augment.two_views(key, images, aug_config)
             return jnp.concatenate([v1, v2], axis=0)
@@ -114,7 +134,9 @@ def make_train_step(model: models.ContrastiveResNet, tx: optax.GradientTransform
                 metrics.update(contrastive_loss=con_loss, contrastive_accuracy=con_acc)
                 loss = con_loss
                 class_labels = jnp.concatenate([labels, labels])  # both views carry the label
-            class_loss, accuracy = losses.smoothed_cross_entropy(outputs["logits"], class_labels, t.label_smoothing)
+            mask = class_labels >= 0 if masked else None
+            class_loss, accuracy = losses.smoothed_cross_entropy(outputs["logits"], jnp.maximum(class_labels, 0),
+                                                                 t.label_smoothing, mask)
             metrics.update(class_loss=class_loss, accuracy=accuracy)
             loss = loss + class_weight * class_loss
             if contrastive and t.normalize_loss_weights:
@@ -126,18 +148,22 @@ def make_train_step(model: models.ContrastiveResNet, tx: optax.GradientTransform
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
-                       all_finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        # A finite loss and gradient can still give a state that poisons every resume (lr 1e30 gives
+        # parameters ~1e28, whose squared norm, which LARS needs, overflows): the state that would be
+        # saved must have a finite global norm, so a checkpoint is never poisoned.
+        metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
+                       loss_finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm),
+                       state_finite=jnp.isfinite(optax.tree.norm((params, batch_stats))) & _all_finite(opt_state))
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: models.ContrastiveResNet) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(model: models.ContrastiveResNet) -> Callable:
     """Counts correct predictions on a padded, masked global batch."""
 
-    def eval_step(state: TrainState, batch: dict) -> dict:
+    def eval_step(state, batch: dict) -> dict:
         outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                               augment.to_float(batch["image"]), train=False)
         mask = batch["mask"].astype(jnp.float32)
@@ -159,218 +185,136 @@ def jit_eval_step(step_fn, mesh) -> Callable:
     return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=repl, compiler_options=perf.compiler_options())
 
 
-def evaluate_accuracy(eval_step, state: TrainState, dataset, config: ml_collections.ConfigDict, mesh) -> float:
+def evaluate_accuracy(eval_step, state, source: sources.Source, config: ml_collections.ConfigDict, mesh) -> float:
     """Top-1 accuracy over every example of the split exactly once (padding is masked)."""
-    from contrastood import input_pipeline  # the pipeline is the only TensorFlow user
-
     correct = count = 0.0
-    for batch in input_pipeline.eval_batches(dataset, global_batch_size=config.eval_batch_size,
-                                             image_size=config.data.image_size):
+    stream = pipeline.eval_batches(source, global_batch_size=config.eval_batch_size,
+                                   image_size=config.data.image_size, workers=config.data.num_workers)
+    for batch in stream:
         out = eval_step(state, parallel.to_global({k: batch[k] for k in ("image", "label", "mask")}, mesh))
         correct += float(out["correct"])
         count += float(out["count"])
     return correct / max(count, 1.0)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-
-
-def abstract_train_state(model, tx, config, mesh) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of a TrainState, without computing anything."""
-    shapes = jax.eval_shape(functools.partial(create_train_state, model=model, tx=tx,
-                                              image_size=config.data.image_size), jax.random.key(0))
-    sharding = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def restore_latest(manager: ocp.CheckpointManager, abstract: TrainState) -> TrainState | None:
-    """Restores the newest readable checkpoint; a corrupt or partial one falls back to the previous."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as error:  # orbax raises many types for truncated or missing files
-            logging.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an earlier one",
-                            step, type(error).__name__, str(error).splitlines()[0][:200])
-            continue
-        logging.info("resumed from checkpoint at step %d", step)
-        return restored
-    return None
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes config.json; warns when resuming a workdir that was started with another config."""
-    if jax.process_index() > 0:  # process 0 alone reads and writes it: others could read it half-written
-        return
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != current:
-            changed = sorted(config_changes(previous, current))
-            logging.warning("workdir %s was started with a different config; changed keys: %s", workdir, changed)
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+def check_training_labels(source: sources.Source, config: ml_collections.ConfigDict) -> None:
+    """Every class 0..num_classes-1 present with >= 2 examples, before anything is compiled."""
+    labels = np.asarray(source.labels)
+    if labels.size == 0:
+        raise errors.DataError(f"dataset {source.name!r} is empty")
+    if source.num_classes == 0:
+        raise errors.DataError(f"the training set {source.name!r} is unlabelled; stage 2 needs labels (unlabelled "
+                               "images go to --config.data.unlabelled)")
+    if labels.min() < 0 or labels.max() >= config.data.num_classes:
+        raise errors.ConfigError(f"dataset {source.name!r} has labels in [{labels.min()}, {labels.max()}] but "
+                                 f"data.num_classes={config.data.num_classes}; set --config.data.num_classes or "
+                                 "select classes with '#classes=...' in the spec")
+    counts = np.bincount(labels, minlength=config.data.num_classes)
+    sparse = [c for c in range(config.data.num_classes) if counts[c] < 2]
+    if sparse:
+        raise errors.ConfigError(
+            f"data.num_classes={config.data.num_classes} but classes {sparse[:10]} have fewer than 2 training examples "
+            f"in {source.name!r} ({source.num_classes} classes present); set --config.data.num_classes="
+            f"{source.num_classes} or select classes with '#classes=...'")
 
 
-def config_changes(previous: dict, current: dict, *, shared_keys_only: bool = False) -> dict[str, tuple]:
-    """Dotted key -> (previous, current) for every value that differs between two config dicts.
-
-    With `shared_keys_only`, keys present on one side only (options added to the framework later,
-    whose defaults keep the old behaviour) are not changes.
-    """
-    before, after = _flatten(previous), _flatten(current)
-    keys = before.keys() & after.keys() if shared_keys_only else before.keys() | after.keys()
-    return {k: (before.get(k), after.get(k)) for k in sorted(keys) if before.get(k) != after.get(k)}
+def _load(spec: str, config: ml_collections.ConfigDict) -> sources.Source:
+    return sources.load(spec, image_size=config.data.image_size, seed=config.seed,
+                        data_dir=config.data.data_dir or None)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _hparams(config: ml_collections.ConfigDict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in _flatten(json.loads(config.to_json_best_effort())).items()}
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-class Preempted(SystemExit):
-    """Raised after the checkpoint of a SIGTERM'd run is written; the exit status is 143 (128 + 15)."""
-
-    def __init__(self, message: str):
-        super().__init__(143)
-        self.message = message
-        logging.warning(message)
-
-    def __str__(self):
-        return self.message
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM (the notice Cloud TPU VMs and most schedulers send) into a checkpoint and exit.
-
-    One process: a signal handler sets a flag checked after every step. Several processes: JAX's
-    preemption sync point, so that every host saves the same step.
-    """
-
-    def __init__(self):
-        self._flag = False
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self._flag = True
-
-    def requested(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:  # the distributed preemption service is not running
-                return False
-        return self._flag
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train_data=None,
-                       test_data=None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, train_source: sources.Source | None = None,
+                       test_source: sources.Source | None = None) -> TrainState:
     """Trains both stages (resuming from `workdir` when it holds checkpoints) and returns the state.
 
-    `train_data` / `test_data` (ArrayDatasets) replace loading `config.data.train` / `.test`; the CLP
-    ensemble passes its union of datasets this way. A finished run returns at once.
+    `train_source` / `test_source` replace loading `config.data.train` / `.test`; the CLP ensemble
+    passes its union of datasets this way. A finished run returns at once.
     """
-    from contrastood import input_pipeline
-
     mesh = parallel.create_mesh()
-    config_lib.validate_config(config, num_devices=mesh.devices.size)
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    config_lib.validate_config(config, num_devices=mesh.devices.size, data_given=train_source is not None)
+    path = workdir_lib.as_path(workdir)
+    with workdir_lib.locked(path, command="training"):
+        return _train(config, path, mesh, train_source, test_source)
 
-    data_dir = config.data.data_dir or None
-    if train_data is None:
-        train_data = input_pipeline.load_arrays(config.data.train, image_size=config.data.image_size,
-                                                seed=config.seed, data_dir=data_dir)
-    _check_labels(train_data, config)
-    stage1_steps, stage2_steps, warmup_steps = config_lib.stage_steps(config, len(train_data.labels))
+
+def _train(config, path, mesh, train_source, test_source) -> TrainState:
+    if jax.process_index() == 0:
+        workdir_lib.check_writable(path)
+    if train_source is None:
+        train_source = _load(config.data.train, config)
+    check_training_labels(train_source, config)
+    if test_source is None and config.data.test:
+        test_source = _load(config.data.test, config)
+    if test_source is not None and test_source.num_classes != 0 and test_source.labels.max() >= config.data.num_classes:
+        raise errors.ConfigError(f"the test set {test_source.name!r} has labels up to {test_source.labels.max()} but "
+                                 f"data.num_classes={config.data.num_classes}; select its classes with '#classes=...'")
+    unlabelled = None
+    if config.data.unlabelled:
+        unlabelled = pipeline.Mixture(_load(config.data.unlabelled, config), config.data.unlabelled_fraction)
+    stage1_steps, stage2_steps, warmup_steps = config_lib.stage_steps(config, len(train_source))
     total_steps = stage1_steps + stage2_steps
-    logging.info("training on %s: %d examples, %d classes; stage 1: %d steps, stage 2: %d steps, %d devices",
-                 config.data.train, len(train_data.labels), config.data.num_classes, stage1_steps,
-                 stage2_steps, mesh.devices.size)
+    host_crops = config.train.augmentation == "simclr" and pipeline.crops_on_host(
+        train_source, config.data.image_size, config.data.crop)
+    logging.info("training on %s; stage 1: %d steps, stage 2: %d steps, %d devices, crops on the %s",
+                 train_source.describe(), stage1_steps, stage2_steps, mesh.devices.size,
+                 "host" if host_crops else "device")
 
-    model = models.create_model(config.model, config.data.num_classes)
+    model = models.from_config(config, train_source=train_source)
     schedule = learning_rate_schedule(config, stage1_steps, stage2_steps, warmup_steps)
     tx = create_optimizer(config, schedule)
-    manager = checkpoint_manager(workdir, config)
-    state = restore_latest(manager, abstract_train_state(model, tx, config, mesh))
+    checkpoints = checkpointing.Checkpoints(path, keep=config.keep_checkpoints, create=True, config=config)
+    existing = checkpoints.steps()
+    config_lib.write_config(config, path, resuming=bool(existing))
+    state = checkpoints.restore_latest(abstract_train_state(model, tx, config, mesh), move_unreadable=True)
     if state is None:  # initialise only when there is nothing to resume (init compiles a whole forward pass)
+        if existing:
+            logging.warning("none of the checkpoints %s in %s could be read (each was moved to %s): training "
+                            "starts again from step 0", existing, checkpoints.directory, checkpointing.UNREADABLE_DIR)
         init = jax.jit(functools.partial(create_train_state, model=model, tx=tx, image_size=config.data.image_size),
                        out_shardings=parallel.replicated(mesh))
         state = init(jax.random.key(config.seed))
     start_step = int(state.step)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = summaries.create_writer(path, just_logging=jax.process_index() > 0)
     if start_step == 0:
-        writer.write_hparams(_hparams(config))
+        writer.write_hparams(config_lib.hparams(config))
 
-    train_step = jit_train_step(make_train_step(model, tx, config, stage1_steps, schedule), mesh)
+    train_step = jit_train_step(make_train_step(model, tx, config, stage1_steps, schedule, host_crops=host_crops), mesh)
     eval_step = jit_eval_step(make_eval_step(model), mesh)
-    if test_data is None and config.data.test:
-        test_data = input_pipeline.load_arrays(config.data.test, image_size=config.data.image_size,
-                                               seed=config.seed, data_dir=data_dir)
-    if test_data is not None:
-        _check_labels(test_data, config)
-
-    batches = input_pipeline.train_batches(train_data, global_batch_size=config.train.batch_size,
-                                           seed=config.seed, start_step=start_step,
-                                           sampling=config.train.sampling)
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_secs=None,
-                                                      every_steps=config.log_every_steps)  # logs steps/s, ETA
+    crop = pipeline.HostCrop(tuple(config.augment.crop_area), tuple(config.augment.crop_aspect)) if host_crops else None
+    host_batches = pipeline.train_batches(
+        train_source, global_batch_size=config.train.batch_size, seed=config.seed, image_size=config.data.image_size,
+        start_step=start_step, sampling=config.train.sampling, host_crop=crop,
+        views=2 if config.train.contrastive else 1, unlabelled=unlabelled, workers=config.data.num_workers)
+    # The transfer of the next two batches overlaps the current step (asynchronous dispatch).
+    batches = pipeline.prefetch(lambda b: parallel.to_global(b, mesh), host_batches, 2, name="to_device")
+    progress = summaries.Progress(total_steps, config.log_every_steps)
     pending_metrics = []
     flops_per_step = peak_flops = float("nan")
     first_batch = None
     if start_step < total_steps:
         # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
-        first_batch = parallel.to_global(next(batches), mesh)
+        first_batch = next(batches)
         train_step = train_step.lower(state, first_batch).compile()
         flops_per_step = perf.step_flops(train_step)
         peak_flops, _ = perf.log_peak(config.model.dtype, config.train.peak_tflops)
         logging.info("train step: %.3g FLOPs per device (XLA estimate)", flops_per_step)
     last_log_time, last_log_step = time.time(), start_step
-    preemption = PreemptionWatcher()
+    watcher = preemption.Watcher()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch, first_batch = first_batch or parallel.to_global(next(batches), mesh), None
+            batch, first_batch = first_batch or next(batches), None
             # The batch arrived by an explicit transfer; anything implicit here would be a hidden sync.
             with jax.profiler.StepTraceAnnotation("train", step_num=step), jax.transfer_guard("disallow"):
                 state, metrics = train_step(state, batch)
             pending_metrics.append(metrics)
-            report_progress(step)
+            progress(step)
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
-                summary = _summarise(pending_metrics, step)
+                summary = _summarise(pending_metrics, step, config)
                 pending_metrics = []
                 now = time.time()
                 steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
@@ -382,44 +326,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, train
                     summary["mfu"] = utilisation
                 summary["stage"] = 1 if step <= stage1_steps else 2
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-            preempted = preemption.requested(step)
-            if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-                if pending_metrics:  # never checkpoint a state whose last step was not checked
-                    _summarise(pending_metrics[-1:], step)
-                manager.save(step, args=ocp.args.StandardSave(state), force=preempted)
-            if preempted:
-                manager.wait_until_finished()
-                raise Preempted(f"preempted (SIGTERM) at step {step}: checkpoint saved in {workdir}; run the "
-                                f"same command again to resume from step {step}")
-            if test_data is not None and (step % config.eval_every_steps == 0 or is_last):
-                accuracy = evaluate_accuracy(eval_step, state, test_data, config, mesh)
+            stop = watcher.requested(step)
+            if step % config.checkpoint_every_steps == 0 or is_last or stop:
+                if pending_metrics:  # never checkpoint a state whose steps were not checked
+                    _summarise(pending_metrics, step, config)
+                    pending_metrics = []
+                checkpoints.save(state, force=stop)
+            if stop:
+                checkpoints.wait()
+                raise preemption.Preempted(
+                    f"stopped by {watcher.name} at step {step}: checkpoint saved in {path}; run the same command "
+                    f"again to resume from step {step}", watcher.signum)
+            if test_source is not None and (step % config.eval_every_steps == 0 or is_last):
+                accuracy = evaluate_accuracy(eval_step, state, test_source, config, mesh)
                 writer.write_scalars(step, {"eval/accuracy": accuracy})
                 logging.info("step %d: test accuracy %.4f", step, accuracy)
     finally:
-        preemption.close()
-        manager.wait_until_finished()
+        watcher.close()
+        batches.close()
+        checkpoints.wait()
         writer.flush()
     return state
 
 
-def _summarise(metrics_list: list[dict], step: int) -> dict:
-    """Averages step metrics on the host; stops the run on a non-finite loss."""
+def _summarise(metrics_list: list[dict], step: int, config: ml_collections.ConfigDict) -> dict:
+    """Averages step metrics on the host; stops the run at the first step that went non-finite."""
     host = jax.device_get(metrics_list)
-    finite = np.array([m["all_finite"] for m in host])
+    finite = np.array([bool(m["loss_finite"]) and bool(m["state_finite"]) for m in host])
     if not finite.all():
-        bad = step - len(host) + 1 + int(np.argmin(finite))
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {bad} (loss={host[int(np.argmin(finite))]['loss']}); no "
-            f"checkpoint was written after it, so the workdir resumes from the last good one. Lower "
-            f"--config.train.learning_rate, raise --config.train.warmup_epochs, or use model.dtype=float32.")
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "all_finite"}
-
-
-def _check_labels(dataset, config: ml_collections.ConfigDict) -> None:
-    labels = np.asarray(dataset.labels)
-    if labels.size == 0:
-        raise ValueError(f"dataset {dataset.name!r} is empty")
-    if labels.min() < 0 or labels.max() >= config.data.num_classes:
-        raise ValueError(f"dataset {dataset.name!r} has labels in [{labels.min()}, {labels.max()}] but "
-                         f"data.num_classes={config.data.num_classes}; set --config.data.num_classes or "
-                         f"select classes with '#classes=...' in the spec")
+        first = int(np.argmin(finite))
+        bad, metrics = step - len(host) + 1 + first, host[first]
+        what = ("the loss or gradient" if not metrics["loss_finite"] else
+                "the updated parameters or BatchNorm statistics (the loss and gradient were finite)")
+        key = config_lib.warmup_key(config)
+        advice = (f"lower --config.train.learning_rate (now {config.train.learning_rate:g}) or raise "
+                  f"--config.{key} (now {config.train[key.split('.')[1]]:g})")
+        if config.model.dtype == "bfloat16":
+            advice += ", or use --config.model.dtype=float32"
+        raise errors.NonFiniteLossError(
+            f"{what} became non-finite at step {bad} (loss={float(metrics['loss']):.4g}); no checkpoint was written "
+            f"after the last finite step, so the workdir resumes from the last good one. {advice[0].upper()}{advice[1:]}")
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0] if k not in ("loss_finite", "state_finite")}

@@ -219,7 +219,7 @@ def test_auroc_by_class_hand_value():
     (clp.ensemble_probs, (np.full((1, 1, 2), np.inf),), "NaN or inf"),
     (clp.auroc_by_clp_bins, ([0.0, 1.0], [0.0], [1.0]), "same"),
     (clp.auroc_by_clp_bins, ([0.0], [0.0], [1.0], 0), "num_bins"),
-    (clp.auroc_by_clp_bins, ([-np.inf], [0.0], [1.0]), "NaN or inf"),
+    (clp.auroc_by_clp_bins, ([-np.inf], [0.0], [1.0]), "non-finite"),
     (clp.auroc_by_class, ([0], [0.0], []), "in_scores"),
 ])
 def test_bad_inputs_raise_clear_errors(fn, args, match):

@@ -11,7 +11,6 @@ scores; summaries and reports come from process 0 alone. It fails when a process
 shard of the batch (parameters 2000 times the tolerance apart) or evaluation misplaces examples.
 """
 import glob
-import importlib.util
 import os
 import pathlib
 import socket
@@ -23,8 +22,10 @@ import jax
 import numpy as np
 import pytest
 
-from contrastood import distributed, models, parallel, train
-from contrastood.ood import evaluate
+from contrastood import checkpointing, distributed, models, parallel, train
+from contrastood.configs import digits
+from contrastood.data import sources
+from contrastood.ood import evaluate, scorers
 from contrastood.ood import features as features_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,10 +45,7 @@ OVERRIDES = {"train.stage1_steps": 2, "train.stage2_steps": 2, "train.optimizer"
 
 
 def digits_smoke_config():
-    spec = importlib.util.spec_from_file_location("digits_config", ROOT / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = digits.get_config("smoke")
     for key, value in OVERRIDES.items():
         *parents, leaf = key.split(".")
         node = config
@@ -105,8 +103,8 @@ def wait_all(procs, logs):
 def restore(workdir, config, mesh):
     model = models.create_model(config.model, config.data.num_classes)
     tx = train.create_optimizer(config, lambda s: 0.1)
-    state = train.restore_latest(train.checkpoint_manager(str(workdir), config),
-                                 train.abstract_train_state(model, tx, config, mesh))
+    state = checkpointing.Checkpoints(str(workdir)).restore_latest(train.abstract_train_state(model, tx, config, mesh),
+                                                                   move_unreadable=False)
     return model, state
 
 
@@ -148,10 +146,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=name)
 
     # Evaluation: process 0 cached the features of every set, which equal those extracted here.
-    from contrastood import input_pipeline
-
-    load = lambda spec: input_pipeline.load_arrays(spec, image_size=config.data.image_size,  # noqa: E731
-                                                   seed=config.seed)
+    load = lambda spec: sources.load(spec, image_size=config.data.image_size, seed=config.seed)  # noqa: E731
     sets = {"train": (config.data.train, True), "test": (config.data.test, False),
             **{name: (spec, False) for name, spec in config.ood.sets.items()}}
     assert len(glob.glob(str(workdir / "features" / f"step_{total_steps}" / "*.npz"))) == len(sets)
@@ -159,10 +154,9 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     feats = {}
     for name, (spec, fit_only) in sets.items():
         data = load(spec)
-        assert len(data.labels) % config.eval_batch_size, f"{name}: make it pad the last global batch"
-        odin = extractor.odin and not fit_only
-        path = features_lib._cache_path(str(workdir), total_steps, data.name,
-                                        f"{extractor.tag}|odin_computed={odin}")
+        assert len(data) % config.eval_batch_size, f"{name}: make it pad the last global batch"
+        path = features_lib._cache_path(workdir, total_steps, data.name,
+                                        extractor.cache_key(data, with_network=not fit_only))
         with np.load(path) as cached:
             two = dict(cached)
         one = feats[name] = extractor(data, fit_only=fit_only)
@@ -174,12 +168,16 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
             np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-6, err_msg=f"{name}/{key}")
 
     # ... and so do the OOD scores in the report process 0 wrote.
-    fitted = evaluate.fit_scorers(config, feats["train"], config.data.num_classes)
+    ctx = evaluate.fit_context(config, state, config.data.num_classes)
+    fitted, failures = evaluate.fit_scorers(scorers.resolve(config.ood.scorers), feats["train"], ctx)
+    assert not failures
     expected = {}
     for name in ("test", *config.ood.sets):
         prefix = "in_distribution" if name == "test" else name
-        for scorer, v in evaluate.compute_scores(config, fitted, feats[name]).items():
+        for scorer, v in evaluate.compute_scores(fitted, feats[name], ctx, failures, name).items():
             expected[f"{prefix}/{scorer}"] = v["scores"]
+            if v["classes"] is not None:
+                expected[f"{prefix}/{scorer}/classes"] = v["classes"]
     with np.load(workdir / "ood_scores.npz") as written:
         assert sorted(written) == sorted(expected)
         for key, value in expected.items():

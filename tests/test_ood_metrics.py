@@ -23,7 +23,11 @@ def _sklearn_metrics(in_scores, out_scores):
     is_in = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     fpr, tpr, _ = skm.roc_curve(is_in, scores, drop_intermediate=False)
     fpr_out, tpr_out, _ = skm.roc_curve(1 - is_in, -scores, drop_intermediate=False)
+    precision, recall, _ = skm.precision_recall_curve(is_in, scores)
+    precision_out, recall_out, _ = skm.precision_recall_curve(1 - is_in, -scores)
     return {
+        "aupr_in_trapezoid": skm.auc(recall, precision),
+        "aupr_out_trapezoid": skm.auc(recall_out, precision_out),
         "auroc": skm.roc_auc_score(is_in, scores),
         "aupr_in": skm.average_precision_score(is_in, scores),
         "aupr_out": skm.average_precision_score(1 - is_in, -scores),
@@ -128,3 +132,17 @@ def test_fpr_at_95_is_exact_where_95_percent_is_a_whole_count(num_positive):
     expected = _sklearn_metrics(positives, negatives)
     assert metrics.fpr_at_95_tpr_in(positives, negatives) == expected["fpr_at_95_tpr_in"] == 0.0
     assert metrics.fpr_at_95_tpr_out(-negatives, -positives) == 0.0  # the same case, OOD as positive
+
+
+@pytest.mark.parametrize("n_in,n_out,levels", CASES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_trapezoid_aupr_matches_sklearn_auc_of_the_pr_curve(n_in, n_out, levels, seed):
+    """OpenOOD's AUPR: sklearn.metrics.auc(recall, precision) of precision_recall_curve, ties included."""
+    in_scores, out_scores = _integer_scores(n_in, n_out, levels, seed)
+    scores = np.concatenate([in_scores, out_scores])
+    is_in = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
+    precision, recall, _ = skm.precision_recall_curve(is_in, scores)
+    precision_out, recall_out, _ = skm.precision_recall_curve(1 - is_in, -scores)
+    assert metrics.aupr_in_trapezoid(in_scores, out_scores) == pytest.approx(skm.auc(recall, precision), abs=1e-12)
+    assert metrics.aupr_out_trapezoid(in_scores, out_scores) == pytest.approx(
+        skm.auc(recall_out, precision_out), abs=1e-12)

@@ -1,6 +1,5 @@
 """SIGTERM to a real training process: it checkpoints and exits; the restart ends where an
 uninterrupted run ends, parameter for parameter."""
-import importlib.util
 import os
 import pathlib
 import signal
@@ -10,7 +9,8 @@ import sys
 import jax
 import numpy as np
 
-from contrastood import models, parallel, train
+from contrastood import checkpointing, models, parallel, train
+from contrastood.configs import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -27,14 +27,11 @@ def launch(workdir):
 
 
 def final_params(workdir):
-    spec = importlib.util.spec_from_file_location("digits", ROOT / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = digits.get_config("smoke")
     model = models.create_model(config.model, config.data.num_classes)
     tx = train.create_optimizer(config, lambda s: 0.1)
-    manager = train.checkpoint_manager(str(workdir), config)
-    state = train.restore_latest(manager, train.abstract_train_state(model, tx, config, parallel.create_mesh()))
+    state = checkpointing.Checkpoints(str(workdir)).restore_latest(
+        train.abstract_train_state(model, tx, config, parallel.create_mesh()), move_unreadable=False)
     return int(state.step), jax.device_get(state.params)
 
 
@@ -54,14 +51,14 @@ def test_sigterm_checkpoints_and_resumes_to_the_same_parameters(tmp_path):
     rest, _ = proc.communicate(timeout=300)
     log = "".join(lines) + rest
     assert proc.returncode == 143, log[-3000:]
-    assert "preempted (SIGTERM) at step" in log
+    assert "stopped by SIGTERM at step" in log
     saved_step, _ = final_params(workdir)
     assert 5 <= saved_step < STEPS
 
     resumed = launch(workdir)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    assert f"resumed from checkpoint at step {saved_step}" in out
+    assert f"restored the checkpoint at step {saved_step}" in out
     step_a, params_a = final_params(tmp_path / "reference")
     step_b, params_b = final_params(workdir)
     assert step_a == step_b == STEPS

@@ -8,7 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from contrastood import config_lib, input_pipeline, models, parallel, train
+from contrastood import checkpointing, config_lib, errors, models, parallel, train
+from contrastood.data import pipeline, sources
 
 
 def write_npz(path, n=48, num_classes=4, seed=0):
@@ -22,7 +23,7 @@ def write_npz(path, n=48, num_classes=4, seed=0):
 
 
 def tiny_config(tmp_path, **train_overrides):
-    config = config_lib.base_config("cpu")
+    config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = write_npz(tmp_path / "train.npz")
     config.data.test = write_npz(tmp_path / "test.npz", n=20, seed=1)
@@ -36,7 +37,7 @@ def tiny_config(tmp_path, **train_overrides):
     config.checkpoint_every_steps = 2
     config.eval_every_steps = 6
     config.eval_batch_size = 16
-    config.ood.sets = {}
+    config.ood.sets = config_lib.ood_sets()
     for k, v in train_overrides.items():
         config.train[k] = v
     return config
@@ -52,9 +53,10 @@ def test_one_device_equals_eight_devices(tmp_path, contrastive):
     """Same global batch: loss, gradients (via an SGD step) and parameters match 1 vs 8 devices."""
     config = tiny_config(tmp_path, contrastive=contrastive, optimizer="sgd", momentum=0.0, learning_rate=0.01,
                          stage1_steps=1, stage2_steps=2)
-    data = input_pipeline.load_arrays(config.data.train)
-    batches = input_pipeline.train_batches(data, global_batch_size=16, seed=0)
+    data = sources.load(config.data.train)
+    batches = pipeline.train_batches(data, global_batch_size=16, seed=0, image_size=32)
     batch = next(batches)
+    batches.close()
     model = models.create_model(config.model, 4)
     stage1, stage2, warmup = config_lib.stage_steps(config, 48)
     schedule = train.learning_rate_schedule(config, stage1, stage2, warmup)
@@ -118,7 +120,7 @@ def test_resume_equals_uninterrupted_and_writes_summaries(full_run, tmp_path, mo
     assert int(full.step) == 6
 
     # Preemption: the process dies after step 5 (last checkpoint at step 4), then restarts.
-    real_batches = input_pipeline.train_batches
+    real_batches = pipeline.train_batches
 
     def dying_batches(*args, **kwargs):
         for i, batch in enumerate(real_batches(*args, **kwargs)):
@@ -126,12 +128,12 @@ def test_resume_equals_uninterrupted_and_writes_summaries(full_run, tmp_path, mo
                 raise KeyboardInterrupt("simulated preemption")
             yield batch
 
-    monkeypatch.setattr(input_pipeline, "train_batches", dying_batches)
+    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
     workdir = str(tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, workdir)
-    monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
-    assert sorted(train.checkpoint_manager(workdir, config).all_steps()) == [2, 4]
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    assert checkpointing.Checkpoints(workdir).steps() == [2, 4]
     resumed = train.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 6
     leaves_close(full.params, resumed.params, rtol=0, atol=0)
@@ -147,25 +149,99 @@ def test_resume_equals_uninterrupted_and_writes_summaries(full_run, tmp_path, mo
     assert os.path.exists(full_workdir / "config.json")
 
 
+def restore(workdir, config):
+    model = models.create_model(config.model, config.data.num_classes)
+    tx = train.create_optimizer(config, lambda s: 0.1)
+    return checkpointing.Checkpoints(workdir).restore_latest(
+        train.abstract_train_state(model, tx, config, parallel.create_mesh()), move_unreadable=False)
+
+
+def corrupt(workdir, step):
+    """Overwrites every array file of a checkpoint, as a crash mid-copy would."""
+    for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "**", "*"), recursive=True):
+        if os.path.isfile(path) and not path.endswith(("_CHECKPOINT_METADATA",)):
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+
+
 def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, caplog):
     config, _, full_workdir = full_run
     workdir = str(tmp_path / "run")
     shutil.copytree(full_workdir, workdir)
-    manager = train.checkpoint_manager(workdir, config)
-    assert sorted(manager.all_steps()) == [2, 4, 6]
-    # Corrupt every array file of the latest checkpoint, as a crash mid-copy would.
-    for path in glob.glob(os.path.join(workdir, "checkpoints", "6", "**", "*"), recursive=True):
-        if os.path.isfile(path) and not path.endswith(("_CHECKPOINT_METADATA",)):
-            with open(path, "wb") as f:
-                f.write(b"garbage")
-    model = models.create_model(config.model, 4)
-    tx = train.create_optimizer(config, lambda s: 0.1)
-    mesh = parallel.create_mesh()
+    assert checkpointing.Checkpoints(workdir).steps() == [2, 4, 6]
+    corrupt(workdir, 6)
     with caplog.at_level("WARNING"):
-        state = train.restore_latest(train.checkpoint_manager(workdir, config),
-                                     train.abstract_train_state(model, tx, config, mesh))
+        state = restore(workdir, config)
     assert int(state.step) == 4
     assert "unreadable" in caplog.text
+
+
+def test_unreadable_newest_checkpoint_is_moved_aside_and_its_step_saved_again(full_run, tmp_path):
+    """Was: step 6 retrained on every rerun and never saved (orbax refuses a step <= the newest)."""
+    config, full, full_workdir = full_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full_workdir, workdir)
+    corrupt(workdir, 6)
+    state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 6
+    assert checkpointing.Checkpoints(workdir).steps() == [2, 4, 6]
+    moved = glob.glob(os.path.join(workdir, checkpointing.UNREADABLE_DIR, "6-*"))
+    assert len(moved) == 1 and os.listdir(moved[0])  # renamed, never deleted
+    leaves_close(full.params, restore(workdir, config).params, rtol=0, atol=0)  # the retrained step 6 is on disk
+
+
+def test_all_checkpoints_unreadable_restarts_loudly_and_saves(full_run, tmp_path, caplog):
+    config, _, full_workdir = full_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full_workdir, workdir)
+    for step in (2, 4, 6):
+        corrupt(workdir, step)
+    with caplog.at_level("WARNING"):
+        state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 6 and "starts again from step 0" in caplog.text
+    assert checkpointing.Checkpoints(workdir).steps() == [2, 4, 6]
+    assert len(os.listdir(os.path.join(workdir, checkpointing.UNREADABLE_DIR))) == 3
+
+
+def test_another_model_in_the_workdir_is_a_mismatch_not_corruption(full_run, tmp_path):
+    """Was: a width change was 'unreadable', training restarted from scratch and nothing was saved."""
+    config, _, full_workdir = full_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(full_workdir, workdir)
+    wider = config.copy_and_resolve_references()
+    wider.model.width = 2
+    with pytest.raises(errors.ConfigError, match=r"model.width: 1 -> 2.*allow_config_change"):
+        train.train_and_evaluate(wider, workdir)
+    os.remove(os.path.join(workdir, "config.json"))  # without config.json the shapes still tell
+    wider.allow_config_change = True
+    with pytest.raises(errors.CheckpointMismatchError, match="holds another model.*shape"):
+        train.train_and_evaluate(wider, workdir)
+    assert checkpointing.Checkpoints(workdir).steps() == [2, 4, 6]
+    assert not os.path.exists(os.path.join(workdir, checkpointing.UNREADABLE_DIR))
+
+
+def test_a_refused_save_raises(full_run, tmp_path):
+    config, full, full_workdir = full_run
+    checkpoints = checkpointing.Checkpoints(str(full_workdir), config=config)
+    with pytest.raises(errors.CheckpointError, match="refused to save step 6"):
+        checkpoints.save(full)
+
+
+def test_checkpoints_of_the_single_item_layout_still_restore(full_run, tmp_path):
+    """Workdirs written before the model/opt items hold one 'default' item with the whole TrainState."""
+    import orbax.checkpoint as ocp
+
+    config, full, _ = full_run
+    workdir = tmp_path / "old"
+    manager = ocp.CheckpointManager(str(workdir / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(6, args=ocp.args.StandardSave(full))  # the layout of contrastood before checkpointing.py
+    manager.wait_until_finished()
+    assert os.path.isdir(workdir / "checkpoints" / "6" / "default")
+    leaves_close(full.opt_state, restore(str(workdir), config).opt_state, rtol=0, atol=0)
+    config_model = config.copy_and_resolve_references()
+    _, model_state = checkpointing.restore_model(str(workdir), config_model, parallel.create_mesh())
+    assert int(model_state.step) == 6 and not hasattr(model_state, "opt_state")
+    leaves_close(full.params, model_state.params, rtol=0, atol=0)
 
 
 def test_nonfinite_loss_stops_without_checkpointing(tmp_path):
@@ -173,16 +249,18 @@ def test_nonfinite_loss_stops_without_checkpointing(tmp_path):
                          contrastive=False)
     config.checkpoint_every_steps = 1
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step"):
+    with pytest.raises(errors.NonFiniteLossError, match=r"non-finite at step .*--config.train.warmup_steps \(now 1\)"):
         train.train_and_evaluate(config, workdir)
-    steps = train.checkpoint_manager(workdir, config).all_steps()
-    manager = train.checkpoint_manager(workdir, config)
-    model = models.create_model(config.model, 4)
-    tx = train.create_optimizer(config, lambda s: 0.1)
-    for step in steps:  # whatever was saved is finite
-        restored = manager.restore(step, args=ocp.args.StandardRestore(
-            train.abstract_train_state(model, tx, config, parallel.create_mesh())))
-        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+    state = restore(workdir, config)
+    # whatever was saved has a finite norm, so a resume at a sane learning rate trains on
+    if state is not None:
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+        assert np.isfinite(float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                                             for x in jax.tree.leaves(state.params)))))
+    config.train.learning_rate = 0.1
+    config.allow_config_change = True
+    resumed = train.train_and_evaluate(config, workdir)
+    assert int(resumed.step) == 6
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
@@ -202,6 +280,24 @@ def test_bad_config_fails_before_compiling(tmp_path):
     config.data.num_classes = 3  # labels go up to 3
     with pytest.raises(ValueError, match="num_classes"):
         train.train_and_evaluate(config, str(tmp_path / "bad2"))
+    config = tiny_config(tmp_path)
+    config.data.num_classes = 6  # classes 4 and 5 have no example: fail before compiling
+    with pytest.raises(errors.ConfigError, match=r"classes \[4, 5\] have fewer than 2 training examples"):
+        train.train_and_evaluate(config, str(tmp_path / "bad3"))
+    config = tiny_config(tmp_path, stage1_steps=-5)
+    with pytest.raises(errors.ConfigError, match=r"train.stage1_steps=-5.*-1 to take the count from the epochs"):
+        config_lib.validate_config(config)
+    config = tiny_config(tmp_path)
+    config.ood.sets = config_lib.ood_sets(typo="npz:/x.npz#clases=1")
+    with pytest.raises(errors.ConfigError, match="ood.sets.typo.*unknown option 'clases'"):
+        config_lib.validate_config(config)
+    config = tiny_config(tmp_path)
+    config.clp.datasets = ("a=sklearn:digits|sklearn:digits", "b=noize:gaussian|noise:gaussian")
+    with pytest.raises(errors.ConfigError, match=r"clp.datasets\[b\].*unknown dataset kind 'noize'"):
+        config_lib.validate_config(config)
+    config = tiny_config(tmp_path, optimizer="adam")
+    with pytest.raises(errors.ConfigError, match="train.optimizer='adam'"):
+        config_lib.validate_config(config)
 
 
 def test_schedule_warms_up_and_restarts_per_stage(tmp_path):
@@ -211,6 +307,10 @@ def test_schedule_warms_up_and_restarts_per_stage(tmp_path):
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1.0)
     assert lrs[9] < 0.1 and lrs[10] == 0.0 and lrs[14] == pytest.approx(1.0)
     assert np.all(np.diff(lrs[14:]) <= 1e-7)
+    config.train.schedule = "continuous"  # the other reading of App. B: one warm-up, one cosine
+    schedule = train.learning_rate_schedule(config, 10, 20, 4)
+    lrs = np.array([float(schedule(s)) for s in range(30)])
+    assert lrs[4] == pytest.approx(1.0) and np.all(np.diff(lrs[4:]) <= 1e-7) and lrs[10] > 0.5
 
 
 def test_bfloat16_compute_trains_to_a_comparable_loss(tmp_path):
@@ -247,7 +347,7 @@ def test_train_loop_allows_no_implicit_host_to_device_transfer(tmp_path, monkeyp
 def test_config_changes_names_each_differing_dotted_key():
     previous = {"model": {"width": 1, "name": "resnet_tiny"}, "seed": 0, "old_option": True}
     current = {"model": {"width": 2, "name": "resnet_tiny"}, "seed": 0, "new_option": 3}
-    assert train.config_changes(previous, current) == {
+    assert config_lib.config_changes(previous, current) == {
         "model.width": (1, 2), "new_option": (None, 3), "old_option": (True, None)}
-    assert train.config_changes(previous, current, shared_keys_only=True) == {"model.width": (1, 2)}
-    assert train.config_changes(current, current) == {}
+    assert config_lib.config_changes(previous, current, shared_keys_only=True) == {"model.width": (1, 2)}
+    assert config_lib.config_changes(current, current) == {}

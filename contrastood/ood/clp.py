@@ -19,7 +19,7 @@ Appendix D defines the class confusion and distance behind the dendrogram (Fig. 
 
 and Fig. 7 shows the ensemble's confusion between datasets, rows = true labels, columns = predictions.
 
-Everything here is numpy/scipy/sklearn on host arrays, in float64: CLPs of far-OOD classes are
+Everything here is numpy/scipy on host arrays, in float64: CLPs of far-OOD classes are
 around -12 (probabilities ~1e-5), where float32 sums lose precision.
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 import scipy.cluster.hierarchy
 import scipy.spatial.distance
 import scipy.special
-import sklearn.metrics
+
+from contrastood.ood import metrics
 
 # Row sums of probabilities may deviate from 1 by float32 round-off of a softmax over ~100 classes.
 _SUM_TOLERANCE = 1e-4
@@ -86,22 +87,6 @@ def _as_labels(labels, num_samples: int, num_classes: int | None = None) -> np.n
     if num_classes is not None and num_samples and labels.max() >= num_classes:
         raise ValueError(f"labels must be < num_classes={num_classes}, got max {labels.max()}.")
     return labels
-
-
-def _as_scores(scores, name: str) -> np.ndarray:
-    """Validates a non-empty, finite 1-D array of OOD scores (higher = more in-distribution)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1 or scores.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {scores.shape}.")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError(f"{name} contains NaN or inf; AUROC needs finite scores.")
-    return scores
-
-
-def _auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
-    """AUROC with in-distribution as the positive class and higher score = more in-distribution."""
-    targets = np.concatenate([np.ones_like(in_scores), np.zeros_like(ood_scores)])
-    return float(sklearn.metrics.roc_auc_score(targets, np.concatenate([in_scores, ood_scores])))
 
 
 def ensemble_probs(member_logits) -> np.ndarray:
@@ -273,9 +258,9 @@ def auroc_by_clp_bins(sample_clp, ood_scores, in_scores, num_bins: int = 10) -> 
     convention higher = more in-distribution, and AUROC takes in-distribution as positive. Returns
     one dict per bin: clp_low, clp_high, count, auroc (NaN for an empty bin).
     """
-    sample_clp = _as_scores(sample_clp, "sample_clp")
-    ood_scores = _as_scores(ood_scores, "ood_scores")
-    in_scores = _as_scores(in_scores, "in_scores")
+    sample_clp = metrics.validated_scores("sample_clp", sample_clp)
+    ood_scores = metrics.validated_scores("ood_scores", ood_scores)
+    in_scores = metrics.validated_scores("in_scores", in_scores)
     if sample_clp.shape != ood_scores.shape:
         raise ValueError(
                 f"sample_clp {sample_clp.shape} and ood_scores {ood_scores.shape} must describe the same "
@@ -288,7 +273,7 @@ def auroc_by_clp_bins(sample_clp, ood_scores, in_scores, num_bins: int = 10) -> 
     for index in range(num_bins):
         in_bin = bin_index == index
         count = int(in_bin.sum())
-        auroc = _auroc(in_scores, ood_scores[in_bin]) if count else float("nan")
+        auroc = metrics.auroc(in_scores, ood_scores[in_bin]) if count else float("nan")
         bins.append({"clp_low": float(edges[index]), "clp_high": float(edges[index + 1]),
                                   "count": count, "auroc": auroc})
     return bins
@@ -299,8 +284,8 @@ def auroc_by_class(ood_labels, ood_scores, in_scores) -> dict[int, float]:
 
     Same conventions as auroc_by_clp_bins: higher score = more in-distribution, in-dist positive.
     """
-    ood_scores = _as_scores(ood_scores, "ood_scores")
-    in_scores = _as_scores(in_scores, "in_scores")
+    ood_scores = metrics.validated_scores("ood_scores", ood_scores)
+    in_scores = metrics.validated_scores("in_scores", in_scores)
     ood_labels = _as_labels(ood_labels, ood_scores.shape[0])
-    return {int(label): _auroc(in_scores, ood_scores[ood_labels == label])
+    return {int(label): metrics.auroc(in_scores, ood_scores[ood_labels == label])
                     for label in np.unique(ood_labels)}

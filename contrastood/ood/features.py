@@ -1,102 +1,120 @@
 """Feature extraction for OOD scoring, sharded over all devices, cached in the workdir.
 
-Every scorer works on the same extracted arrays (`pre_logits`, `logits`, and the ODIN score, which
-alone needs the network and a gradient), so re-scoring with another scorer or metric never touches
-the model again. Cache files are keyed by checkpoint step and dataset spec.
+Every scorer works on the same extracted arrays (`pre_logits`, `logits`, plus the in-network features
+that scorers such as ODIN need), so re-scoring with another scorer or metric never touches the model
+again. A cache file is keyed by a digest of the model's variables, the dataset's content fingerprint
+(`data.Source.fingerprint`), the image size and the in-network features' settings: features of one
+model or one version of the data are never reported as another's.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from contrastood import augment, parallel, perf
-from contrastood.ood import scorers
+from contrastood import augment, parallel, perf, workdir as workdir_lib
+from contrastood.data import pipeline, sources
+from contrastood.ood import scorers as scorers_lib
 
 FEATURE_KEYS = ("pre_logits", "logits")
+CACHE_VERSION = 2  # bump when what an extracted array means changes
 
 
-def make_extract_step(model, *, odin: bool, odin_temperature: float, odin_epsilon: float) -> Callable:
-    """(variables, batch) -> per-example features; ODIN needs the gradient, so it is computed here."""
+def make_extract_step(model, network_scorers: Sequence[scorers_lib.Scorer], config) -> Callable:
+    """(variables, batch) -> per-example features; in-network scorers (ODIN) compute theirs here."""
 
     def extract(variables: dict, batch: dict) -> dict:
         images = augment.to_float(batch["image"])
         outputs = model.apply(variables, images, train=False)
         features = {k: outputs[k] for k in FEATURE_KEYS}
-        if odin:
-            logits_fn = lambda x: model.apply(variables, x, train=False)["logits"]  # noqa: E731
-            features["odin"] = scorers.odin_score(logits_fn, images, temperature=odin_temperature,
-                                                  epsilon=odin_epsilon)
+        logits_fn = lambda x: model.apply(variables, x, train=False)["logits"]  # noqa: E731
+        for scorer in network_scorers:
+            features[scorer.name] = scorer.network_feature(logits_fn, images, config)
         return features
 
     return extract
 
 
-def _cache_path(workdir: str, step: int, spec: str, tag: str) -> str:
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)[-60:].strip("_")
-    digest = hashlib.sha1(f"{spec}|{tag}".encode()).hexdigest()[:10]
-    return os.path.join(workdir, "features", f"step_{step}", f"{readable}-{digest}.npz")
+def model_digest(variables) -> str:
+    """A digest of every parameter and BatchNorm statistic (host copies of replicated arrays)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables)):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(array.dtype).encode() + str(array.shape).encode())
+        h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
+def _cache_path(workdir: epath.Path, step: int, name: str, key: str) -> epath.Path:
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:].strip("_")
+    return workdir / "features" / f"step_{step}" / f"{readable}-{key[:16]}.npz"
 
 
 class FeatureExtractor:
-    """Extracts (and caches) features of any dataset for one model state."""
+    """Extracts (and caches) features of any source for one model state."""
 
-    def __init__(self, model, state: Any, config, mesh, workdir: str | None):
+    def __init__(self, model, state: Any, config, mesh, workdir, scorer_names: Sequence[str] | None = None):
         self.config = config
         self.mesh = mesh
-        self.workdir = workdir
+        self.workdir = workdir_lib.as_path(workdir) if workdir is not None else None
         self.step = int(state.step)
-        self.variables = parallel.replicate({"params": state.params, "batch_stats": state.batch_stats}, mesh)
-        self.odin = "odin" in config.ood.scorers
-        self.tag = (f"size={config.data.image_size}|odin={self.odin}|T={config.ood.odin_temperature}"
-                    f"|eps={config.ood.odin_epsilon}")
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        self.model_digest = model_digest(variables)
+        self.variables = parallel.replicate(variables, mesh)
+        names = scorers_lib.resolve(config.ood.scorers if scorer_names is None else scorer_names)
+        self.network_scorers = [scorers_lib.REGISTRY[n] for n in names if scorers_lib.REGISTRY[n].in_network]
         shardings = dict(in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                          out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
-        self._steps = {
-            odin: jax.jit(make_extract_step(model, odin=odin, odin_temperature=config.ood.odin_temperature,
-                                            odin_epsilon=config.ood.odin_epsilon), **shardings)
-            for odin in {False, self.odin}
-        }
+        self._steps: dict[bool, Callable] = {}
+        for with_network in {False, bool(self.network_scorers)}:
+            chosen = self.network_scorers if with_network else []
+            self._steps[with_network] = jax.jit(make_extract_step(model, chosen, config), **shardings)
 
-    def __call__(self, dataset, *, fit_only: bool = False) -> dict[str, np.ndarray]:
-        """Features of every example of `dataset` (an ArrayDataset), exactly once, in dataset order.
+    def cache_key(self, source: sources.Source, with_network: bool) -> str:
+        network = ";".join(f"{s.name}:{s.network_cache_key(self.config)}" for s in self.network_scorers) \
+            if with_network else ""
+        return hashlib.blake2b("|".join([
+            f"v{CACHE_VERSION}", self.model_digest, source.fingerprint(), f"size={self.config.data.image_size}",
+            network]).encode(), digest_size=16).hexdigest()
 
-        `fit_only`: the set only fits scorers (the in-distribution train split), so the per-input ODIN
-        score, which costs a backward pass, is skipped.
+    def __call__(self, source: sources.Source, *, fit_only: bool = False) -> dict[str, np.ndarray]:
+        """Features of every example of `source`, exactly once, in source order.
+
+        `fit_only`: the set only fits scorers (the in-distribution train split), so in-network features,
+        which cost a backward pass (ODIN), are skipped.
         """
-        with_odin = self.odin and not fit_only
-        tag = f"{self.tag}|odin_computed={with_odin}"
-        path = _cache_path(self.workdir, self.step, dataset.name, tag) if self.workdir else None
-        cached = _read_cache(path, len(dataset.labels)) if path else None
+        with_network = bool(self.network_scorers) and not fit_only
+        path = None
+        if self.workdir is not None:
+            path = _cache_path(self.workdir, self.step, source.name, self.cache_key(source, with_network))
+        cached = _read_cache(path, len(source)) if path is not None else None
         # Extraction is collective: every process must take the same branch, so the cache is used only
         # where all of them could read it (process 0 may have written it since another one looked).
         if _all_processes(cached is not None):
-            logging.info("features of %s at step %d from cache %s", dataset.name, self.step, path)
+            logging.info("features of %s at step %d from cache %s", source.name, self.step, path)
             return cached
-        result = self._extract(dataset, with_odin)
-        if path and jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp.npz"
-            np.savez(tmp, **result)
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+        result = self._extract(source, with_network)
+        if path is not None and jax.process_index() == 0:
+            buffer = io.BytesIO()
+            np.savez(buffer, **result)
+            workdir_lib.atomic_write_bytes(path, buffer.getvalue())  # a crash never leaves a half-written file
         return result
 
-    def _extract(self, dataset, with_odin: bool) -> dict[str, np.ndarray]:
-        from contrastood import input_pipeline
-
-        stream = input_pipeline.eval_batches(dataset, global_batch_size=self.config.eval_batch_size,
-                                             image_size=self.config.data.image_size)
+    def _extract(self, source: sources.Source, with_network: bool) -> dict[str, np.ndarray]:
+        stream = pipeline.eval_batches(source, global_batch_size=self.config.eval_batch_size,
+                                       image_size=self.config.data.image_size, workers=self.config.data.num_workers)
         chunks: dict[str, list[np.ndarray]] = {}
         indices = []
+        step = self._steps[with_network]
         for batch in stream:
-            out = self._steps[with_odin](self.variables, parallel.to_global({"image": batch["image"]}, self.mesh))
-            out = jax.device_get(out)
+            out = jax.device_get(step(self.variables, parallel.to_global({"image": batch["image"]}, self.mesh)))
             # Under several processes each host holds the whole (replicated) output but only its local
             # indices; the global index array below puts every example back in its place.
             global_index = _gather_indices(batch["index"], self.mesh)
@@ -106,17 +124,17 @@ class FeatureExtractor:
             indices.append(global_index[keep])
         order = np.argsort(np.concatenate(indices), kind="stable")
         result = {k: np.concatenate(v)[order] for k, v in chunks.items()}
-        result["labels"] = np.asarray(dataset.labels)
-        if len(order) != len(dataset.labels):
-            raise RuntimeError(f"extracted {len(order)} examples of {dataset.name} but it has {len(dataset.labels)}")
+        result["labels"] = np.asarray(source.labels)
+        if len(order) != len(source):
+            raise RuntimeError(f"extracted {len(order)} examples of {source.name} but it has {len(source)}")
         return result
 
 
-def _read_cache(path: str, num_examples: int) -> dict[str, np.ndarray] | None:
-    if not os.path.exists(path):
-        return None
+def _read_cache(path: epath.Path, num_examples: int) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(path) as cached:
+        if not path.exists():
+            return None
+        with np.load(io.BytesIO(path.read_bytes())) as cached:
             if len(cached["labels"]) == num_examples:
                 return dict(cached)
     except Exception as error:  # a truncated cache file is recomputed, never trusted

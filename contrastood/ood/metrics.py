@@ -21,7 +21,7 @@ import numpy as np
 TPR_PERCENT = 95  # FPR at this TPR, in percent (an integer: the index is exact)
 
 
-def _validated(name: str, scores) -> np.ndarray:
+def validated_scores(name: str, scores) -> np.ndarray:
     """Returns `scores` as a float64 numpy vector, or raises a ValueError that says what is wrong."""
     array = np.asarray(scores)
     if array.ndim != 1:
@@ -41,7 +41,7 @@ def _validated(name: str, scores) -> np.ndarray:
 
 
 def _validated_pair(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
-    return _validated("in_scores", in_scores), _validated("out_scores", out_scores)
+    return validated_scores("in_scores", in_scores), validated_scores("out_scores", out_scores)
 
 
 @jax.jit
@@ -127,10 +127,46 @@ def auroc(in_scores, out_scores) -> float:
 
 
 def aupr_in(in_scores, out_scores) -> float:
-    """Area under the precision-recall curve with in-distribution positive (sklearn average precision)."""
+    """Area under the precision-recall curve with in-distribution positive, as average precision
+    (sklearn's step-wise sum, no interpolation). OpenOOD and pytorch-ood integrate the same curve with
+    the trapezoid rule instead (`aupr_in_trapezoid`); the two differ, most with ties."""
     in_scores, out_scores = _validated_pair(in_scores, out_scores)
     with jax.enable_x64(True):
         return float(_average_precision(jnp.asarray(in_scores), jnp.asarray(out_scores)))
+
+
+def _trapezoid_pr_area(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Trapezoidal area under the precision-recall curve (OpenOOD's and pytorch-ood's AUPR).
+
+    The curve's points are the tie-group thresholds plus sklearn's end point (recall 0, precision 1):
+    the value of sklearn.metrics.auc(recall, precision) on precision_recall_curve's output.
+    """
+    scores = np.concatenate([positive_scores, negative_scores])
+    is_positive = np.concatenate([np.ones(len(positive_scores)), np.zeros(len(negative_scores))])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_positive = scores[order], is_positive[order]
+    group_end = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    true_positives = np.cumsum(is_positive)[group_end]
+    accepted = group_end + 1.0
+    precision = true_positives / accepted
+    recall = true_positives / len(positive_scores)
+    # sklearn stops the curve at the first threshold reaching full recall, then adds (0, 1).
+    last = int(np.argmax(recall >= 1.0)) if np.any(recall >= 1.0) else len(recall) - 1
+    recall = np.r_[0.0, recall[:last + 1]]
+    precision = np.r_[1.0, precision[:last + 1]]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2.0))
+
+
+def aupr_in_trapezoid(in_scores, out_scores) -> float:
+    """Trapezoidal AUPR with in-distribution positive (OpenOOD's AUPR-in); AP is `aupr_in`."""
+    in_scores, out_scores = _validated_pair(in_scores, out_scores)
+    return _trapezoid_pr_area(in_scores, out_scores)
+
+
+def aupr_out_trapezoid(in_scores, out_scores) -> float:
+    """Trapezoidal AUPR with OOD positive, ranking by the negated score (OpenOOD's AUPR-out)."""
+    in_scores, out_scores = _validated_pair(in_scores, out_scores)
+    return _trapezoid_pr_area(-out_scores, -in_scores)
 
 
 def aupr_out(in_scores, out_scores) -> float:
@@ -193,6 +229,8 @@ def compute_all(in_scores, out_scores) -> dict[str, float]:
             "auroc": auroc(in_scores, out_scores),
             "aupr_in": aupr_in(in_scores, out_scores),
             "aupr_out": aupr_out(in_scores, out_scores),
+            "aupr_in_trapezoid": aupr_in_trapezoid(in_scores, out_scores),
+            "aupr_out_trapezoid": aupr_out_trapezoid(in_scores, out_scores),
             "fpr_at_95_tpr_in": fpr_at_95_tpr_in(in_scores, out_scores),
             "fpr_at_95_tpr_out": fpr_at_95_tpr_out(in_scores, out_scores),
             "detection_accuracy": detection_accuracy(in_scores, out_scores),

@@ -13,8 +13,8 @@ in-distribution set as the positive class.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -28,6 +28,9 @@ import sklearn.metrics  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from contrastood import workdir  # noqa: E402
+from contrastood.ood import metrics  # noqa: E402
 
 _DPI = 100
 # Matplotlib's default colour cycle; datasets keep their colour across figures by insertion order.
@@ -44,23 +47,17 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _finish(figure: Figure, path) -> np.ndarray:
-    """Renders `figure`, writes it as PNG to `path` and returns the RGB pixels."""
+    """Renders `figure`, writes it as PNG to `path` (any epath: local or gs://) and returns the pixels."""
     figure.canvas.draw()
     image = np.ascontiguousarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    PIL.Image.fromarray(image).save(path, format="PNG")
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="PNG")
+    workdir.atomic_write_bytes(workdir.as_path(path), buffer.getvalue())
     return image
 
 
 def _as_scores(scores, name: str) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1 or scores.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array of scores, got shape {scores.shape}.")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError(f"{name} contains NaN or inf; drop or clip those scores before plotting.")
-    return scores
+    return metrics.validated_scores(name, scores)
 
 
 def _as_score_sets(out_scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

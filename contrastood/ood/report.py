@@ -1,14 +1,15 @@
 """The OOD report: ood_report.json, ood_report.md (also printed), TensorBoard summaries and PNG plots."""
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 from typing import Any, Mapping
 
 import numpy as np
-from clu import metric_writers
 
+from contrastood import summaries, workdir as workdir_lib
+from contrastood.data import pipeline, sources
 from contrastood.ood import metrics, plots
 
 # (key in metrics.compute_all, column header)
@@ -31,7 +32,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         f"In-distribution: train `{ind['train']}`, test `{ind['test']}` "
         f"({ind['num_test_examples']} examples), test accuracy **{100 * ind['test_accuracy']:.2f}%**.",
         "Scores: higher = more in-distribution. FPR@95TPR (in+) treats in-distribution as positive "
-        "(ODIN, Winkens et al.); (out+) treats OOD as positive (OpenOOD). Metrics in %.",
+        "(ODIN, Winkens et al.); (out+) treats OOD as positive (OpenOOD). AUPR is average precision "
+        "(sklearn); OpenOOD and pytorch-ood integrate the PR curve with the trapezoid rule instead, which "
+        "ood_report.json holds as aupr_in_trapezoid / aupr_out_trapezoid. Metrics in %.",
         "",
         "| OOD set | N | scorer | " + " | ".join(h for _, h in COLUMNS) + " |",
         "|---|---:|---|" + "---:|" * len(COLUMNS),
@@ -43,28 +46,37 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
             m = per_scorer[scorer]
             cells = [f"{m[k]:.2f}" if k == "ood_rank_mean" else f"{100 * m[k]:.2f}" for k, _ in COLUMNS]
             lines.append(f"| {name} | {per_scorer['num_examples']} | {scorer} | " + " | ".join(cells) + " |")
+    failed = summary.get("failed_scorers") or {}
+    if failed:
+        lines += ["", "Scorers that could not run (the others are unaffected):", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in failed.items()]
     return "\n".join(lines) + "\n"
 
 
-def write(summary: dict, workdir: str, *, config, in_scores: Mapping[str, dict], ood_scores: Mapping[str, dict],
+def write(summary: dict, workdir, *, config, in_scores: Mapping[str, dict], ood_scores: Mapping[str, dict],
           ood_data: Mapping[str, Any], class_names) -> None:
     """Writes the JSON and Markdown report, the plots, and `ood/...` TensorBoard summaries."""
+    workdir = workdir_lib.as_path(workdir)
     summary = dict(summary)
     summary["config"] = json.loads(config.to_json_best_effort())
-    with open(os.path.join(workdir, "ood_report.json"), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=False, default=float)
-    # Per-sample scores, for analyses across runs (e.g. the OOD-rank spread over seeds).
+    workdir_lib.atomic_write_text(workdir / "ood_report.json", json.dumps(summary, indent=2, default=float))
+    # Per-sample scores, for analyses across runs (e.g. the OOD-rank spread over seeds, --mode=compare).
     arrays = {f"in_distribution/{k}": v["scores"] for k, v in in_scores.items()}
+    arrays.update({f"in_distribution/{k}/classes": v["classes"] for k, v in in_scores.items()
+                   if v["classes"] is not None})
     arrays.update({f"{name}/{k}": v["scores"] for name, s in ood_scores.items() for k, v in s.items()})
-    np.savez(os.path.join(workdir, "ood_scores.npz"), **arrays)
+    arrays.update({f"{name}/{k}/classes": v["classes"] for name, s in ood_scores.items() for k, v in s.items()
+                   if v["classes"] is not None})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    workdir_lib.atomic_write_bytes(workdir / "ood_scores.npz", buffer.getvalue())
     table = markdown_table(summary)
-    with open(os.path.join(workdir, "ood_report.md"), "w") as f:
-        f.write(table)
+    workdir_lib.atomic_write_text(workdir / "ood_report.md", table)
     print(table, flush=True)
 
     step = summary["step"]
     # TensorBoard only: the table above already puts these numbers in the log, once and readable.
-    writer = metric_writers.SummaryWriter(workdir)
+    writer = summaries.summary_writer(workdir)
     scalars = {f"ood/{name}/{scorer}/{metric}": value
                for name, per_scorer in summary["results"].items()
                for scorer, values in per_scorer.items() if isinstance(values, dict)
@@ -76,23 +88,24 @@ def write(summary: dict, workdir: str, *, config, in_scores: Mapping[str, dict],
         images = _plots(workdir, config, in_scores, ood_scores, ood_data, class_names)
         writer.write_images(step, {k: v[None] for k, v in images.items()})
     writer.flush()
-    logging.info("OOD report written to %s", os.path.join(workdir, "ood_report.md"))
+    logging.info("OOD report written to %s", workdir / "ood_report.md")
+
+
+def pipeline_pool():
+    return sources.thread_pool(pipeline.default_workers())  # decode workers for the failure grids
 
 
 def _plots(workdir, config, in_scores, ood_scores, ood_data, class_names) -> dict[str, np.ndarray]:
     """Fig. 4a/b histograms and ROC curves per scorer; Fig. 5 failure grid per OOD set."""
-    plot_dir = os.path.join(workdir, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
+    plot_dir = workdir / "plots"
     images = {}
-    for scorer in config.ood.scorers:
-        if scorer not in in_scores:
-            continue
+    for scorer in in_scores:
         outs = {name: s[scorer]["scores"] for name, s in ood_scores.items() if scorer in s}
         images[f"ood/histogram/{scorer}"] = plots.score_histograms(
-            in_scores[scorer]["scores"], outs, os.path.join(plot_dir, f"histogram_{scorer}.png"),
+            in_scores[scorer]["scores"], outs, plot_dir / f"histogram_{scorer}.png",
             title=f"{scorer} score: in-distribution test vs OOD", score_name=f"{scorer} score")
         images[f"ood/roc/{scorer}"] = plots.roc_curves(
-            in_scores[scorer]["scores"], outs, os.path.join(plot_dir, f"roc_{scorer}.png"),
+            in_scores[scorer]["scores"], outs, plot_dir / f"roc_{scorer}.png",
             title=f"ROC, {scorer} score (in-distribution positive)")
     grid_scorer = "gaussian" if "gaussian" in in_scores else next(iter(in_scores))
     names = list(class_names) if class_names else [str(i) for i in range(config.data.num_classes)]
@@ -101,8 +114,11 @@ def _plots(workdir, config, in_scores, ood_scores, ood_data, class_names) -> dic
         ranks = metrics.ood_rank(in_scores[grid_scorer]["scores"], scored["scores"])
         classes = scored["classes"] if scored["classes"] is not None else np.full(len(ranks), -1)
         safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+        # Only the shown images are read (the OOD set may be files on disk).
+        worst = np.argsort(-ranks, kind="stable")[:config.ood.failure_grid_images]
+        shown = ood_data[name].fetch(worst, config.data.image_size, pipeline_pool())
         images[f"ood/failures/{safe}"] = plots.failure_grid(
-            ood_data[name].images, ranks, classes, names, os.path.join(plot_dir, f"failures_{safe}.png"),
+            shown, ranks[worst], classes[worst], names, plot_dir / f"failures_{safe}.png",
             title=f"{name}: most in-distribution-looking OOD images ({grid_scorer} score)",
             max_images=config.ood.failure_grid_images)
     return images

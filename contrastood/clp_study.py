@@ -1,118 +1,80 @@
-"""The CLP study: train the ensemble on the union of datasets, compute CLPs, join with the detector.
+"""The CLP study (paper Sec. 4, App. C): train the ensemble on the union of datasets, compute CLPs,
+and read the detector's score along the CLP axis.
 
 Ensemble members are ordinary supervised runs of `train.train_and_evaluate` (their own workdirs
-under `WORKDIR/clp/member_K`, so each checkpoints, resumes, and is never retrained once finished).
-Their logits come from `features.FeatureExtractor` (cached per checkpoint). When WORKDIR holds a
-trained detector, its Eq. 2 Gaussian score on the same union test set is read along the CLP axis:
-AUROC per OOD class against class-wise CLP (Fig. 1/6) and AUROC in sample-wise CLP bins (Fig. 4c).
+under `WORKDIR/clp/member_K`, so each checkpoints, resumes, and is never retrained once finished),
+configured by `config_lib.clp_member_config`. Their logits come from `features.FeatureExtractor`
+(cached per model and data). When WORKDIR holds a trained detector, its Eq. 2 Gaussian score on the
+same union test set is read along the CLP axis: AUROC per OOD class against class-wise CLP
+(Fig. 1/6) and AUROC in sample-wise CLP bins (Fig. 4c).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
-from contrastood import config_lib, models, parallel, train
+from contrastood import (checkpointing, config_lib, errors, models, parallel, summaries, train,
+                         workdir as workdir_lib)
+from contrastood.data import sources, specs
 from contrastood.ood import clp, evaluate, plots
 from contrastood.ood import features as features_lib
 
 
-@dataclasses.dataclass(frozen=True)
 class UnionDataset:
-    name: str
-    train_spec: str
-    test_spec: str
+    def __init__(self, name: str, train_spec: str, test_spec: str):
+        self.name, self.train_spec, self.test_spec = name, train_spec, test_spec
 
 
 def parse_datasets(entries) -> list[UnionDataset]:
-    """'name=TRAIN_SPEC|TEST_SPEC' entries of `config.clp.datasets`."""
-    out = []
-    for entry in entries:
-        name, sep, specs = entry.partition("=")
-        train_spec, bar, test_spec = specs.partition("|")
-        if not sep or not bar or not name or not train_spec or not test_spec:
-            raise ValueError(f"clp.datasets entry {entry!r} is not 'name=TRAIN_SPEC|TEST_SPEC', e.g. "
-                             f"'noise=noise:gaussian:2000#fraction=0:0.5|noise:gaussian:2000#fraction=0.5:1'")
-        out.append(UnionDataset(name, train_spec, test_spec))
+    """'name=TRAIN_SPEC|TEST_SPEC' entries of `config.clp.datasets` (validated by config_lib)."""
+    out = [UnionDataset(*entry) for entry in config_lib.parse_clp_datasets(entries)]
     if len(out) < 2:
-        raise ValueError("clp.datasets needs the in-distribution dataset and at least one other")
+        raise errors.ConfigError("clp.datasets needs the in-distribution dataset and at least one other")
     return out
 
 
-def parse_classes(text: str, default: range) -> np.ndarray:
-    if not text:
-        return np.asarray(list(default))
-    ids: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        ids.extend(range(int(lo), int(hi or lo) + 1))
-    return np.asarray(sorted(set(ids)))
+def run(config: ml_collections.ConfigDict, workdir, detector_state=None) -> dict:
+    mesh = parallel.create_mesh()
+    config_lib.validate_config(config, num_devices=mesh.devices.size)
+    path = workdir_lib.as_path(workdir)
+    with workdir_lib.locked(path, command="the CLP study"):
+        if jax.process_index() == 0:
+            workdir_lib.check_writable(path)
+        return _run(config, path, detector_state, mesh)
 
 
-def member_config(config: ml_collections.ConfigDict, member: int, num_classes: int, describe: str):
-    """A plain supervised classifier (paper App. C: SGD, cosine from 0.2, uniform class sampling)."""
-    c = config_lib.base_config()
-    c.seed = config.seed + 1000 * (member + 1)
-    c.data.train = describe
-    c.data.test = ""
-    c.data.num_classes = num_classes
-    c.data.image_size = config.data.image_size
-    c.model.name = config.clp.model
-    c.model.width = config.clp.width
-    c.model.dtype = config.model.dtype
-    t = c.train
-    t.contrastive = False
-    t.augmentation = "standard"
-    t.sampling = "uniform_class"
-    t.optimizer = "sgd"
-    t.learning_rate = config.clp.learning_rate
-    t.momentum = 0.9
-    t.weight_decay = 1e-6
-    t.label_smoothing = 0.0
-    t.batch_size = config.clp.batch_size
-    t.stage2_epochs = config.clp.epochs
-    t.stage2_steps = config.clp.steps
-    t.warmup_steps = config.clp.warmup_steps
-    c.log_every_steps = config.log_every_steps
-    c.checkpoint_every_steps = config.checkpoint_every_steps
-    c.eval_every_steps = 10**9
-    c.eval_batch_size = config.eval_batch_size
-    c.ood.scorers = ["msp"]
-    return c
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) -> dict:
-    from contrastood import input_pipeline  # the only TensorFlow user
-
+def _run(config, workdir, detector_state, mesh) -> dict:
     datasets = parse_datasets(config.clp.datasets)
     load = dict(image_size=config.data.image_size, seed=config.seed, data_dir=config.data.data_dir or None)
-    union_train, train_parts = input_pipeline.load_union([d.train_spec for d in datasets], **load)
-    union_test, test_parts = input_pipeline.load_union([d.test_spec for d in datasets], **load)
+    union_train = sources.load_union([d.train_spec for d in datasets], **load)
+    union_test = sources.load_union([d.test_spec for d in datasets], **load)
+    train_parts, test_parts = union_train.layout, union_test.layout
     for d, a, b in zip(datasets, train_parts, test_parts):
         if a.num_classes != b.num_classes:
-            raise ValueError(f"clp dataset {d.name!r}: train part has {a.num_classes} classes, test part "
-                             f"{b.num_classes}; both parts must cover the same classes")
+            raise errors.DataError(f"clp dataset {d.name!r}: train part has {a.num_classes} classes, test part "
+                                   f"{b.num_classes}; both parts must cover the same classes")
     num_classes = union_train.num_classes
     class_dataset = np.concatenate([np.full(p.num_classes, i) for i, p in enumerate(train_parts)])
-    in_classes = parse_classes(config.clp.in_classes,
-                               range(train_parts[0].first_class, train_parts[0].first_class + train_parts[0].num_classes))
-    mesh = parallel.create_mesh()
-    clp_dir = os.path.join(workdir, "clp")
+    first = train_parts[0]
+    in_classes = (np.asarray(sorted(specs.parse_classes(config.clp.in_classes, what="clp.in_classes")))
+                  if config.clp.in_classes else np.arange(first.first_class, first.first_class + first.num_classes))
+    if in_classes.max() >= num_classes:
+        raise errors.ConfigError(f"clp.in_classes={config.clp.in_classes!r} names classes beyond the union's "
+                                 f"{num_classes}; give ids in 0..{num_classes - 1}")
+    clp_dir = workdir / "clp"
     logging.info("CLP: union of %d datasets, %d classes, %d train / %d test examples, %d members",
                  len(datasets), num_classes, len(union_train), len(union_test), config.clp.num_members)
 
     member_logits = []
     for member in range(config.clp.num_members):
-        mcfg = member_config(config, member, num_classes, union_train.name)
-        member_dir = os.path.join(clp_dir, f"member_{member}")
-        state = train.train_and_evaluate(mcfg, member_dir, train_data=union_train)
-        model = models.create_model(mcfg.model, num_classes)
+        mcfg = config_lib.clp_member_config(config, member, num_classes, union_train.name)
+        member_dir = clp_dir / f"member_{member}"
+        state = train.train_and_evaluate(mcfg, member_dir, train_source=union_train)
+        model = models.from_config(mcfg, train_source=union_train)
         feats = features_lib.FeatureExtractor(model, state, mcfg, mesh, member_dir)(union_test, fit_only=True)
         member_logits.append(feats["logits"])
         accuracy = float(np.mean(feats["logits"].argmax(-1) == union_test.labels))
@@ -138,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) ->
                    else f"{datasets[class_dataset[k]].name}:{union_train.class_names[k]}" for k in range(num_classes)]
 
     summary = {
-        "datasets": [dataclasses.asdict(d) for d in datasets],
+        "datasets": [vars(d) for d in datasets],
         "num_classes": num_classes,
         "in_classes": in_classes.tolist(),
         "num_members": config.clp.num_members,
@@ -153,26 +115,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) ->
         summary["detector"] = detector["summary"]
 
     if jax.process_index() == 0:  # plots, reports and summaries: process 0 alone
-        plot_dir = os.path.join(workdir, "plots")
-        os.makedirs(plot_dir, exist_ok=True)
+        plot_dir = workdir / "plots"
         images = {
             "clp/dendrogram": plots.dendrogram_plot(clp.dendrogram_linkage(distance), class_names,
                                                     [datasets[i].name for i in class_dataset],
-                                                    os.path.join(plot_dir, "clp_dendrogram.png"),
+                                                    plot_dir / "clp_dendrogram.png",
                                                     title="Classes of the union, average linkage on CLP confusion distance"),
             "clp/dataset_confusion": plots.confusion_matrix_plot(dataset_matrix, [d.name for d in datasets],
-                                                                os.path.join(plot_dir, "clp_dataset_confusion.png"),
+                                                                plot_dir / "clp_dataset_confusion.png",
                                                                 title="Ensemble confusion between datasets"),
         }
         if detector is not None:
             images.update(_detector_plots(detector, plot_dir))
-        with open(os.path.join(workdir, "clp_report.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+        workdir_lib.atomic_write_text(workdir / "clp_report.json", json.dumps(summary, indent=2, default=float))
         table = markdown(summary)
-        with open(os.path.join(workdir, "clp_report.md"), "w") as f:
-            f.write(table)
+        workdir_lib.atomic_write_text(workdir / "clp_report.md", table)
         print(table, flush=True)
-        writer = metric_writers.create_default_writer(workdir, just_logging=False)
+        writer = summaries.create_writer(workdir)
         step = int(detector_state.step) if detector_state is not None else 0
         writer.write_scalars(step, {f"clp/{name}/clp": v["clp"] for name, v in per_dataset.items()})
         writer.write_images(step, {k: v[None] for k, v in images.items()})
@@ -183,23 +142,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, detector_state=None) ->
 def _join_detector(config, workdir, state, union_test, probs, in_classes, class_dataset, datasets,
                    class_names, mesh):
     """The detector's Eq. 2 score on the union test set, per OOD class and per sample-CLP bin."""
+    train_source = evaluate.load_source(config.data.train, config)
+    model = models.from_config(config, train_source=train_source)
     if state is None:
-        if not train.checkpoint_manager(workdir, config).all_steps():
+        if not checkpointing.Checkpoints(workdir, create=False).steps():
             logging.info("no detector checkpoint in %s: CLP without the AUROC-vs-CLP analysis", workdir)
             return None
-        _, state = evaluate.restore_for_evaluation(config, workdir, mesh)
-    from contrastood import input_pipeline
-
-    gaussian_only = config.copy_and_resolve_references()
-    gaussian_only.ood.scorers = ["gaussian"]
-    model = models.create_model(config.model, config.data.num_classes)
-    extractor = features_lib.FeatureExtractor(model, state, gaussian_only, mesh, workdir)
-    train_data = input_pipeline.load_arrays(config.data.train, image_size=config.data.image_size,
-                                            seed=config.seed, data_dir=config.data.data_dir or None)
-    train_feats = extractor(train_data, fit_only=True)
+        model, state = checkpointing.restore_model(workdir, config, mesh, model=model)
+    extractor = features_lib.FeatureExtractor(model, state, config, mesh, workdir, ("gaussian",))
+    train_feats = extractor(train_source, fit_only=True)
     feats = extractor(union_test, fit_only=True)
-    fitted = evaluate.fit_scorers(gaussian_only, train_feats, config.data.num_classes)
-    scores = evaluate.compute_scores(gaussian_only, fitted, feats)["gaussian"]["scores"]
+    ctx = evaluate.fit_context(config, state, config.data.num_classes)
+    fitted, failures = evaluate.fit_scorers(("gaussian",), train_feats, ctx)
+    scored = evaluate.compute_scores(fitted, feats, ctx, failures, "the CLP union test set")
+    if "gaussian" not in scored:
+        logging.warning("the detector's Gaussian score failed (%s): CLP without the AUROC-vs-CLP analysis", failures)
+        return None
+    scores = scored["gaussian"]["scores"]
     labels = union_test.labels
     is_in = np.isin(labels, in_classes)
     in_scores, ood_scores, ood_labels = scores[is_in], scores[~is_in], labels[~is_in]
@@ -218,10 +177,10 @@ def _join_detector(config, workdir, state, union_test, probs, in_classes, class_
 
 def _detector_plots(detector, plot_dir):
     return {
-        "clp/auroc_vs_clp": plots.auroc_vs_clp(detector["points"], os.path.join(plot_dir, "clp_auroc_vs_clp.png"),
+        "clp/auroc_vs_clp": plots.auroc_vs_clp(detector["points"], plot_dir / "clp_auroc_vs_clp.png",
                                                title="Detector AUROC per OOD class vs class-wise CLP"),
         "clp/auroc_by_clp_bin": plots.auroc_by_clp_bins_plot(detector["bins"],
-                                                             os.path.join(plot_dir, "clp_auroc_by_bin.png"),
+                                                             plot_dir / "clp_auroc_by_bin.png",
                                                              title="Detector AUROC in bins of sample-wise CLP"),
     }
 
