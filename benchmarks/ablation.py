@@ -53,13 +53,14 @@ def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps
     c.train.label_smoothing = smoothing
     c.train.class_weight = 10.0
     c.train.temperature = 0.5
-    c.ood.scorers = list(SCORERS)
+    c.ood.scorers = tuple(SCORERS)
     c.ood.plots = False
     if preset == "smoke":
         c.data.train = "sklearn:digits:train#classes=0-5"
         c.data.test = "sklearn:digits:test#classes=0-5"
         c.data.num_classes = 6
-        c.ood.sets = {"near_digits_6to9": "sklearn:digits:test#classes=6-9", "far_noise": "noise:gaussian:64"}
+        c.ood.sets = config_lib.ood_sets(near_digits_6to9="sklearn:digits:test#classes=6-9",
+                                         far_noise="noise:gaussian:64")
         c.train.batch_size = 32
         steps, warmup = steps or 3, 1
         c.eval_batch_size = 64
@@ -67,12 +68,12 @@ def study_config(preset: str, data: pathlib.Path, variant: str, seed: int, steps
         train = f"npz:{data}/cifar10-train-part1of2.npz+{data}/cifar10-train-part2of2.npz"
         test = f"npz:{data}/cifar10-test.npz"
         c.data.train, c.data.test, c.data.num_classes = f"{train}#classes=0-5", f"{test}#classes=0-5", 6
-        c.ood.sets = {
-            "near_tinyimagenet32": f"npz:{data}/tinyimagenet32-test.npz",
-            "near_cifar10_6to9": f"{test}#classes=6-9",
-            "far_dtd10": f"npz:{data}/dtd10-all.npz",
-            "far_gaussian_noise": "noise:gaussian:2000",
-        }
+        c.ood.sets = config_lib.ood_sets(
+            near_tinyimagenet32=f"npz:{data}/tinyimagenet32-test.npz",
+            near_cifar10_6to9=f"{test}#classes=6-9",
+            far_dtd10=f"npz:{data}/dtd10-all.npz",
+            far_gaussian_noise="noise:gaussian:2000",
+        )
         c.train.batch_size = 128
         preset_steps, preset_warmup = (1500, 75) if preset == "full" else (300, 20)
         steps, warmup = (steps, max(1, steps // 20)) if steps else (preset_steps, preset_warmup)
@@ -119,9 +120,9 @@ def _check_same_study(config, workdir: pathlib.Path) -> None:
     saved = workdir / "config.json"
     if not saved.exists():
         return
-    from contrastood import train
+    from contrastood import config_lib
 
-    changes = train.config_changes(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()),
+    changes = config_lib.config_changes(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()),
                                    shared_keys_only=True)
     if changes:
         raise SystemExit(

@@ -30,7 +30,7 @@ from contrastood.ood import features
 
 def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool,
               eval_batch: int = 496) -> dict:
-    config = config_lib.base_config("cpu")
+    config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
     config.model.name = model_name

@@ -8,27 +8,18 @@ weight decay 1e-6, 500 epochs, batch 1024, every class equally likely in a batch
 the detector's workdir (trained with configs/cifar10.py, whose settings this config shares) to add
 the AUROC-vs-CLP analysis; the members train under WORKDIR/clp/member_K and resume like any run.
 """
-import importlib.util
-import pathlib
-
-
-def _cifar10_config(arg):
-    path = pathlib.Path(__file__).with_name("cifar10.py")
-    spec = importlib.util.spec_from_file_location("contrastood_configs_cifar10", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from contrastood.configs import cifar10
 
 
 def get_config(arg: str | None = None):
-    config = _cifar10_config(arg)
-    config.clp.datasets = [
+    config = cifar10.get_config(arg)
+    config.clp.datasets = (
         "cifar10=tfds:cifar10:train|tfds:cifar10:test",
         "cifar100=tfds:cifar100:train|tfds:cifar100:test",
         "svhn=tfds:svhn_cropped:train|tfds:svhn_cropped:test",
         "places365=tfds:places365_small:train|tfds:places365_small:validation",
         "gaussian_noise=noise:gaussian:20000#fraction=0:0.5|noise:gaussian:20000#fraction=0.5:1",
-    ]
+    )
     config.clp.in_classes = "0-9"
     config.clp.num_members = 5
     config.clp.model = "resnet34"

@@ -11,6 +11,7 @@ from contrastood import config_lib
 
 
 def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg, smoke=False)
     config = config_lib.base_config()
     config.data.train = "sklearn:digits:train#classes=0-5"
     config.data.test = "sklearn:digits:test#classes=0-5"
@@ -38,20 +39,20 @@ def get_config(arg: str | None = None):
     config.eval_every_steps = 150
     config.eval_batch_size = 256
 
-    config.ood.sets = {
-        "near_digits_6to9": "sklearn:digits:test#classes=6-9",
-        "far_photos": "sklearn:photos:500",
-        "far_gaussian_noise": "noise:gaussian:500",
-    }
+    config.ood.sets = config_lib.ood_sets(
+        near_digits_6to9="sklearn:digits:test#classes=6-9",
+        far_photos="sklearn:photos:500",
+        far_gaussian_noise="noise:gaussian:500",
+    )
     config.ood.knn_k = 10
 
     # CLP: a small ensemble on the union digits 0-9 (10 classes) + photo patches + noise (1 class each).
     config.clp.run_after_evaluation = True
-    config.clp.datasets = [
+    config.clp.datasets = (
         "digits=sklearn:digits:train|sklearn:digits:test",
         "photos=sklearn:photos:1000#fraction=0:0.5|sklearn:photos:1000#fraction=0.5:1",
         "noise=noise:gaussian:1000#fraction=0:0.5|noise:gaussian:1000#fraction=0.5:1",
-    ]
+    )
     config.clp.in_classes = "0-5"  # digits 0-5 are the detector's in-distribution classes
     config.clp.num_members = 3
     config.clp.model = "resnet_tiny"
@@ -59,7 +60,7 @@ def get_config(arg: str | None = None):
     config.clp.steps = 60
     config.clp.learning_rate = 0.1
     config.clp.warmup_steps = 5
-    if arg == "smoke":  # for the test suite: the same pipeline in seconds
+    if args.smoke:  # for the test suite: the same pipeline in seconds
         config.train.stage1_steps = 4
         config.train.stage2_steps = 4
         config.train.warmup_steps = 1
@@ -67,10 +68,9 @@ def get_config(arg: str | None = None):
         config.log_every_steps = 2
         config.checkpoint_every_steps = 4
         config.eval_every_steps = 8
-        config.ood.sets = {"near_digits_6to9": "sklearn:digits:test#classes=6-9", "far_noise": "noise:gaussian:64"}
+        config.ood.sets = config_lib.ood_sets(near_digits_6to9="sklearn:digits:test#classes=6-9",
+                                              far_noise="noise:gaussian:64")
         config.clp.num_members = 2
         config.clp.steps = 3
         config.clp.batch_size = 32
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown variant {arg!r}; use configs/digits.py or configs/digits.py:smoke")
     return config

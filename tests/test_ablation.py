@@ -56,14 +56,14 @@ def test_rank_spread_across_seeds(tmp_path):
 
 
 def test_train_fraction_is_a_fixed_subset_shared_by_every_variant():
-    from contrastood import input_pipeline
+    from contrastood.data import sources
 
     full = ablation.study_config("smoke", ROOT, "supervised", seed=0)
     configs = [ablation.study_config("smoke", ROOT, v, seed=s, train_fraction=0.25)
                for v in ("supervised", "contrastive+ls") for s in (0, 1)]
     assert len({c.data.train for c in configs}) == 1  # seeds change the training, not the data
-    n_full = len(input_pipeline.load_arrays(full.data.train).labels)
-    n_part = len(input_pipeline.load_arrays(configs[0].data.train).labels)
+    n_full = len(sources.load(full.data.train))
+    n_part = len(sources.load(configs[0].data.train))
     assert abs(n_part - n_full / 4) <= 0.05 * n_full
     with pytest.raises(SystemExit, match="train_fraction"):
         ablation.study_config("smoke", ROOT, "supervised", seed=0, train_fraction=0)

@@ -1,26 +1,26 @@
 """Every shipped config loads and validates; the paper recipe holds the values of Appendix B."""
-import importlib.util
+import importlib
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from contrastood import config_lib, models
+from contrastood import config_lib, errors, models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return importlib.import_module(f"contrastood.configs.{name}").get_config(arg)
 
 
-@pytest.mark.parametrize("name,arg", [("cifar10", None), ("cifar10", "cpu"), ("cifar100", None), ("cifar100", "cpu"),
-                                      ("digits", None), ("digits", "smoke"), ("cifar10_shared", None),
-                                      ("cifar10_shared", "cpu"), ("clp_cifar10", None)])
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+VARIANTS = {"cifar10": ["", "cpu", "cpu,width=2"], "cifar100": ["", "cpu"], "digits": ["", "smoke"],
+            "cifar10_shared": ["", "cpu"], "folder": ["", "cpu"]}
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in VARIANTS.get(n, [""])])
 def test_configs_validate(name, arg):
     config = load(name, arg)
     config_lib.validate_config(config, num_devices=8)
@@ -45,15 +45,31 @@ def test_clp_union_is_the_papers_486_classes():
         (5, "resnet34", 1024, 500, 0.2)
 
 
-def test_unknown_variant_and_bad_values_fail_fast():
-    with pytest.raises(ValueError, match="variant"):
+def test_variant_arguments_are_typed():
+    assert load("cifar10", "cpu,width=2").model.width == 2
+    assert load("cifar10", "cpu").model.name == "resnet_tiny"
+    with pytest.raises(errors.ConfigError, match="unknown config variant argument 'gpu'; valid: cpu, width"):
         load("cifar10", "gpu")
+    with pytest.raises(errors.ConfigError, match="width='two' is not a int"):
+        load("cifar10", "width=two")
+    args = config_lib.parse_arg("smoke,steps=5,rate=0.5", smoke=False, steps=1, rate=1.0, name="x")
+    assert (args.smoke, args.steps, args.rate, args.name) == (True, 5, 0.5, "x")
+
+
+def test_every_config_covers_every_scorer_registered():
+    from contrastood.ood import scorers
+
+    assert scorers.resolve(load("digits").ood.scorers) == tuple(
+        sorted(scorers.REGISTRY, key=lambda n: (scorers.REGISTRY[n].rank, n)))
+
+
+def test_unknown_variant_and_bad_values_fail_fast():
     c = load("cifar10", "cpu")
     c.augment.color_prob = 1.5
     with pytest.raises(ValueError):
         config_lib.validate_config(c)
     c = load("cifar10", "cpu")
-    c.ood.scorers = ["gaussian", "mahalanobiss"]
+    c.ood.scorers = ("gaussian", "mahalanobiss")
     with pytest.raises(ValueError, match="mahalanobiss"):
         config_lib.validate_config(c)
 

@@ -45,7 +45,7 @@ def test_cpu_compiler_options_keep_the_numbers(monkeypatch):
     """The CPU tuning changes which emitter runs the convolutions, not what a train step computes."""
     from contrastood import config_lib, models, parallel, train
 
-    config = config_lib.base_config("cpu")
+    config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "generated"
     config.model.proj_dim = 8
