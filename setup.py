@@ -29,6 +29,16 @@ setup(
         "pillow>=10",
         "tensorboard>=2.21.0",  # clu and tfds need it but do not declare it
         "importlib_resources>=6",  # likewise
+        "google-cloud-storage>=2.18",  # orbax imports it for every gs:// checkpoint directory
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={"test": [
+        "pytest>=8",
+        "pytest-xdist>=3",
+        "gcp-storage-emulator>=2026.7.19",  # a real GCS server on localhost for the gs:// workdir tests
+        "cryptography>=42",  # the emulator's TLS proxy certificates (TensorFlow's GCS client needs https)
+        # The PyTorch reference of benchmarks/ (and pytorch-ood's scorers, installed without its
+        # torchvision dependency by the README's test command). 2.13.0 is pinned because a CPU wheel of it is
+        # what package indexes without CUDA serve; a newer torch works the same.
+        "torch==2.13.0",
+    ]},
 )
