@@ -8,7 +8,9 @@ The names come from every `tfds:NAME[:VERSION]:SPLIT` spec in the config (data.t
 ood.sets, clp.datasets, ... after `--config.KEY=VALUE` overrides), so the training command and this
 one see the same datasets. The data_dir is resolved as the input pipeline resolves it:
 `config.data.data_dir` if set, else --data_dir, else $TFDS_DATA_DIR. Datasets already prepared there
-are skipped by TFDS. Downloads go to --download_dir (local disk), not to the bucket.
+are skipped by TFDS. Downloads go to --download_dir (local disk), not to the bucket. Datasets are
+written as ArrayRecord (--file_format), which contrastood reads at random, one record per example and
+step, without holding the split in memory; a TFRecord-prepared set is read whole into memory instead.
 
 `launch/tpu_vm.sh prepare-data` runs this on TPU worker 0 (or, with --local, on this machine).
 Note: `places365_small` (the paper's Places365 OOD set) downloads and prepares all its splits,
@@ -35,6 +37,8 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir (gs://BUCKET/tensorflow_dat
 flags.DEFINE_string("download_dir", os.path.expanduser("~/tensorflow_datasets/downloads"),
                     "Where raw downloads go (local disk).")
 flags.DEFINE_bool("list", False, "Only print the dataset names, one per line; download nothing.")
+flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+                  "array_record: random access (streamed by contrastood.data); tfrecord: TFDS's old default.")
 
 # The name part of a tfds spec as the input pipeline parses it: NAME or NAME:X.Y.Z, then :SPLIT.
 _TFDS_SPEC = re.compile(r"(?:^|[|=\s])tfds:(?P<name>[^:#|\s]+(?::\d+\.\d+\.\d+)?):")
@@ -90,7 +94,7 @@ def main(argv):
 
     for i, name in enumerate(names, 1):
         print(f"prepare_tfds: [{i}/{len(names)}] {name} -> {data_dir}", flush=True)
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir, file_format=FLAGS.file_format)
         builder.download_and_prepare(download_dir=FLAGS.download_dir)
         splits = ", ".join(f"{split}: {info.num_examples}" for split, info in builder.info.splits.items())
         print(f"prepare_tfds: {name} ready ({splits})", flush=True)

@@ -533,10 +533,10 @@ def test_prepare_tfds_builds_into_the_data_dir(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(f"""
 import json, types
-def builder(name, data_dir):
+def builder(name, data_dir, file_format):
     def download_and_prepare(download_dir):
         with open({str(tmp_path / "built.jsonl")!r}, "a") as f:
-            f.write(json.dumps([name, data_dir, download_dir]) + "\\n")
+            f.write(json.dumps([name, data_dir, download_dir, file_format]) + "\\n")
     split = types.SimpleNamespace(num_examples=3)
     return types.SimpleNamespace(download_and_prepare=download_and_prepare,
                                  info=types.SimpleNamespace(splits={{"test": split}}))
@@ -556,7 +556,7 @@ def builder(name, data_dir):
                      "--data_dir=gs://flag-bucket/tfds")  # as in training, the config's data_dir wins
     assert result.returncode == 0, result.stderr
     built = [json.loads(line) for line in (tmp_path / "built.jsonl").read_text().splitlines()]
-    assert built == [["cifar10", "gs://flag-bucket/tfds", "/tmp/dl"],
-                     ["svhn_cropped", "gs://env-bucket/tfds", "/tmp/dl"],
-                     ["mnist", "gs://env-bucket/tfds", "/tmp/dl"],
-                     ["cifar10", "gs://cfg-bucket/tfds", "/tmp/dl"]]
+    assert built == [["cifar10", "gs://flag-bucket/tfds", "/tmp/dl", "array_record"],
+                     ["svhn_cropped", "gs://env-bucket/tfds", "/tmp/dl", "array_record"],
+                     ["mnist", "gs://env-bucket/tfds", "/tmp/dl", "array_record"],
+                     ["cifar10", "gs://cfg-bucket/tfds", "/tmp/dl", "array_record"]]
