@@ -7,10 +7,9 @@ setup(
     description="Contrastive training for improved out-of-distribution detection, in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # configs/ (top level, where the README's commands point) is installed as contrastood.configs, so
-    # `--config=configs/digits.py` works from any directory and configs import each other as modules.
-    packages=find_packages(include=["contrastood", "contrastood.*"]) + ["contrastood.configs"],
-    package_dir={"contrastood.configs": "configs"},
+    # The experiment configs are the package contrastood.configs (configs/ at the top is a link to it),
+    # so `--config=configs/digits.py` works from any directory and configs import each other as modules.
+    packages=find_packages(include=["contrastood", "contrastood.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

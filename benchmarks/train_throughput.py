@@ -29,7 +29,7 @@ from contrastood.ood import features
 
 
 def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool,
-              eval_batch: int = 496) -> dict:
+              eval_batch: int = 496, image_size: int = 32) -> dict:
     config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
@@ -38,15 +38,15 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     config.model.proj_dim = 128
     config.train.batch_size = batch
     config.train.contrastive = contrastive
+    config.data.image_size = image_size
     mesh = parallel.create_mesh()
-    config_lib.validate_config(config, mesh.devices.size)
-    model = models.create_model(config.model, 10)
+    model = models.create_model(config.model, 10, image_size=image_size)
     schedule = train.learning_rate_schedule(config, 10, 10, 1)
     tx = train.create_optimizer(config, schedule)
-    state = parallel.replicate(train.create_train_state(jax.random.key(0), model, tx, 32), mesh)
+    state = parallel.replicate(train.create_train_state(jax.random.key(0), model, tx, image_size), mesh)
     step = train.jit_train_step(train.make_train_step(model, tx, config, 0, schedule), mesh)
     rng = np.random.default_rng(0)
-    data = parallel.to_global({"image": rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8),
+    data = parallel.to_global({"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
                                "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
@@ -55,7 +55,7 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     seconds, state = _time(lambda s: compiled(s, data), state, steps)
     views = 2 if contrastive else 1
     peak, peak_source = perf.peak_flops_per_device(dtype)
-    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps)
+    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps, image_size)
     return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
                 step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
                 gflop_step=flops * mesh.devices.size / 1e9, gflop_s=flops * mesh.devices.size / seconds / 1e9,
@@ -75,13 +75,13 @@ def _time(run_step, state, steps: int):
     return (time.perf_counter() - t0) / steps, state
 
 
-def _extract_seconds(model, state, mesh, eval_batch: int, steps: int) -> float:
+def _extract_seconds(model, state, mesh, eval_batch: int, steps: int, image_size: int) -> float:
     """Seconds per batch of the OOD feature-extraction step (pre_logits + logits, no ODIN)."""
-    extract = jax.jit(features.make_extract_step(model, odin=False, odin_temperature=1.0, odin_epsilon=0.0),
+    extract = jax.jit(features.make_extract_step(model, [], None),
                       in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                       out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    images = np.random.default_rng(1).integers(0, 256, (eval_batch, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (eval_batch, image_size, image_size, 3), dtype=np.uint8)
     batch = parallel.to_global({"image": images}, mesh)
     jax.block_until_ready(extract(variables, batch))
     t0 = time.perf_counter()
@@ -99,6 +99,7 @@ def main():
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--supervised", action="store_true", help="one view, class loss only")
     parser.add_argument("--eval_batch", type=int, default=496, help="feature-extraction batch")
+    parser.add_argument("--image_size", type=int, default=32, help="input resolution (64+ gets the ImageNet stem)")
     parser.add_argument("--cpu_tuning", default="on", choices=["on", "off", "both"],
                         help="contrastood.perf.compiler_options on CPU (off: XLA's defaults)")
     args = parser.parse_args()
@@ -114,7 +115,7 @@ def main():
     for name in args.models.split(","):
         for dtype, tuning in itertools.product(args.dtype.split(","), tunings):
             os.environ[perf.DISABLE_ENV] = "1" if tuning == "on" else "0"
-            r = benchmark(name, args.batch, args.steps, dtype, not args.supervised, args.eval_batch)
+            r = benchmark(name, args.batch, args.steps, dtype, not args.supervised, args.eval_batch, args.image_size)
             sources.add(f"{dtype}: {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']})")
             print(f"{r['model']:<12} {r['batch']:>5} {r['dtype']:<9} {tuning:<8} {r['views']:>5} {r['devices']:>3} "
                   f"{r['step_s']:>7.3f} {r['img_s']:>7.1f} {r['passes_s']:>8.1f} {r['gflop_step']:>10.1f} "

@@ -37,11 +37,8 @@ MODES = ("train", "evaluate", "clp", "compare")
 _SETS_PREFIX = "--config.ood.sets."
 
 def package_configs() -> pathlib.Path:
-    """Where the installed `contrastood.configs` package lives (the repository's configs/ when editable)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("contrastood.configs")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
+    """Where the `contrastood.configs` package lives (the repository's configs/ links to it)."""
+    return pathlib.Path(__file__).resolve().parent / "configs"
 
 
 FLAGS = flags.FLAGS

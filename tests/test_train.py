@@ -351,3 +351,38 @@ def test_config_changes_names_each_differing_dotted_key():
         "model.width": (1, 2), "new_option": (None, 3), "old_option": (True, None)}
     assert config_lib.config_changes(previous, current, shared_keys_only=True) == {"model.width": (1, 2)}
     assert config_lib.config_changes(current, current) == {}
+
+
+def test_resume_on_a_streaming_folder_source_equals_uninterrupted(tmp_path, monkeypatch):
+    """Image files read per index, crops cut on the host at 64 px (ImageNet stem): resume at step 3 is exact."""
+    from contrastood.configs import folder
+    from contrastood.data import synthetic
+
+    synthetic.write_folder(tmp_path / "images", train=24, test=8, ood=8, size=80, classes=2, ood_classes=1)
+    config = folder.get_config(f"cpu,path={tmp_path / 'images'}")
+    config.data.num_classes = 2
+    config.model.proj_dim = 8
+    config.train.batch_size = 8
+    config.train.stage1_steps = config.train.stage2_steps = 3
+    config.train.warmup_steps = 1
+    config.checkpoint_every_steps = 3
+    config.log_every_steps = 1
+    config.eval_batch_size = 8
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    real_batches = pipeline.train_batches
+
+    def dying_batches(*args, **kwargs):
+        assert kwargs["host_crop"] is not None and kwargs["image_size"] == 64  # the host-crop path
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt("simulated preemption")
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    assert checkpointing.Checkpoints(str(tmp_path / "resumed")).steps() == [3]
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    leaves_close(full.params, resumed.params, rtol=0, atol=0)
+    leaves_close(full.batch_stats, resumed.batch_stats, rtol=0, atol=0)

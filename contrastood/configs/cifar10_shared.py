@@ -14,7 +14,7 @@ import pathlib
 
 from contrastood import config_lib
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repository
 
 
 def get_config(arg: str | None = None):
