@@ -100,13 +100,16 @@ def aggregate(reports: dict, workdirs: dict, seeds: list[int], rows: list[str]) 
         for set_name in runs[0]["results"]:
             entry["sets"][set_name] = {}
             for scorer in study.SCORERS:
-                au = [r["results"][set_name][scorer]["auroc"] for r in runs]
-                fpr = [r["results"][set_name][scorer]["fpr_at_95_tpr_in"] for r in runs]
+                # A scorer that failed in a run (its reason is in that run's report) counts as NaN here.
+                got = [r["results"][set_name].get(scorer, {}) for r in runs]
+                au = [g.get("auroc", float("nan")) for g in got]
+                fpr = [g.get("fpr_at_95_tpr_in", float("nan")) for g in got]
                 entry["sets"][set_name][scorer] = {
                     "auroc_mean": float(np.mean(au)), "auroc_std": float(np.std(au)), "auroc": au,
                     "fpr95_mean": float(np.mean(fpr)), "fpr95_std": float(np.std(fpr)),
                     "ood_rank_std_across_seeds": rank_std_across_seeds(
-                        [workdirs[(row, s)] for s in seeds], set_name, scorer)}
+                        [workdirs[(row, s)] for s in seeds], set_name, scorer) if all(got) else float("nan")}
+        entry["failed_scorers"] = {k: v for r in runs for k, v in r.get("failed_scorers", {}).items()}
         table[row] = entry
     return table
 
@@ -144,6 +147,7 @@ def markdown(table: dict, meta: dict) -> str:
              "sample's rank (percentage points), averaged.", "", *paper_table(table, meta), "",
              "| run | test acc. | OOD set | Gaussian AUROC | Gaussian FPR95 | rank σ | MSP AUROC | Mahalanobis AUROC |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
+    failed = {f"{row}: {name}": reason for row, e in table.items() for name, reason in e.get("failed_scorers", {}).items()}
     for row, e in table.items():
         for i, (set_name, s) in enumerate(e["sets"].items()):
             acc = pct(e["test_accuracy"]["mean"], e["test_accuracy"]["std"]) if i == 0 else ""
@@ -151,6 +155,8 @@ def markdown(table: dict, meta: dict) -> str:
             lines.append(f"| {row if i == 0 else ''} | {acc} | {set_name} | {pct(g['auroc_mean'], g['auroc_std'])} | "
                          f"{pct(g['fpr95_mean'], g['fpr95_std'])} | {g['ood_rank_std_across_seeds']:.1f} | "
                          f"{pct(m['auroc_mean'], m['auroc_std'])} | {pct(t['auroc_mean'], t['auroc_std'])} |")
+    if failed:
+        lines += ["", "Scorers that failed (NaN above):", ""] + [f"- {k}: {v}" for k, v in failed.items()]
     return "\n".join(lines) + "\n"
 
 
