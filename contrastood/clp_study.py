@@ -10,6 +10,7 @@ same union test set is read along the CLP axis: AUROC per OOD class against clas
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -69,13 +70,19 @@ def _run(config, workdir, detector_state, mesh) -> dict:
     logging.info("CLP: union of %d datasets, %d classes, %d train / %d test examples, %d members",
                  len(datasets), num_classes, len(union_train), len(union_test), config.clp.num_members)
 
-    member_logits = []
+    # The evaluation's OOD sets get a CLP too (Eq. 4 with D_test = the set): Table 3's CLP ranges and
+    # the x-axis of Fig. 6 for any set, whether or not it is part of the union.
+    ood_sources = {name: evaluate.load_source(spec, config) for name, spec in config.ood.sets.items()}
+    member_logits, ood_logits = [], {name: [] for name in ood_sources}
     for member in range(config.clp.num_members):
         mcfg = config_lib.clp_member_config(config, member, num_classes, union_train.name)
         member_dir = clp_dir / f"member_{member}"
         state = train.train_and_evaluate(mcfg, member_dir, train_source=union_train)
         model = models.from_config(mcfg, train_source=union_train)
-        feats = features_lib.FeatureExtractor(model, state, mcfg, mesh, member_dir)(union_test, fit_only=True)
+        extractor = features_lib.FeatureExtractor(model, state, mcfg, mesh, member_dir)
+        feats = extractor(union_test, fit_only=True)
+        for name, source in ood_sources.items():
+            ood_logits[name].append(extractor(source, fit_only=True)["logits"])
         member_logits.append(feats["logits"])
         accuracy = float(np.mean(feats["logits"].argmax(-1) == union_test.labels))
         logging.info("CLP member %d: union test accuracy %.4f", member, accuracy)
@@ -99,6 +106,18 @@ def _run(config, workdir, detector_state, mesh) -> dict:
                    and union_train.class_names[k] == train_parts[class_dataset[k]].spec
                    else f"{datasets[class_dataset[k]].name}:{union_train.class_names[k]}" for k in range(num_classes)]
 
+    ood_sets, sample_arrays = {}, {}
+    for name, source in ood_sources.items():
+        set_probs = clp.ensemble_probs(np.stack(ood_logits[name]))
+        set_labels = source.labels if source.num_classes else np.zeros(len(source), np.int32)
+        names = source.class_names or [name]
+        classwise = clp.classwise_clp(set_probs, set_labels, in_classes)
+        lo, hi = clp.clp_range(classwise)
+        ood_sets[name] = {"clp": clp.dataset_clp(set_probs, in_classes), "classwise_min": lo, "classwise_max": hi,
+                          "classwise_clp": {names[k]: v for k, v in classwise.items()}, "num_examples": len(source)}
+        sample_arrays[f"{name}/sample_clp"] = clp.sample_clp(set_probs, in_classes)
+        sample_arrays[f"{name}/labels"] = np.asarray(source.labels)
+
     summary = {
         "datasets": [vars(d) for d in datasets],
         "num_classes": num_classes,
@@ -108,6 +127,7 @@ def _run(config, workdir, detector_state, mesh) -> dict:
         "dataset_clp": per_dataset,
         "classwise_clp": {class_names[k]: v for k, v in classwise_all.items()},
         "dataset_confusion": {"names": [d.name for d in datasets], "matrix": dataset_matrix.tolist()},
+        "ood_sets": ood_sets,
     }
     detector = _join_detector(config, workdir, detector_state, union_test, probs, in_classes, class_dataset,
                               datasets, class_names, mesh)  # collective: every process
@@ -128,6 +148,9 @@ def _run(config, workdir, detector_state, mesh) -> dict:
         if detector is not None:
             images.update(_detector_plots(detector, plot_dir))
         workdir_lib.atomic_write_text(workdir / "clp_report.json", json.dumps(summary, indent=2, default=float))
+        buffer = io.BytesIO()
+        np.savez(buffer, **sample_arrays)  # per-sample CLP of every OOD set: Fig. 4c and Fig. 6 in --mode=compare
+        workdir_lib.atomic_write_bytes(workdir / "clp_scores.npz", buffer.getvalue())
         table = markdown(summary)
         workdir_lib.atomic_write_text(workdir / "clp_report.md", table)
         print(table, flush=True)
@@ -192,6 +215,12 @@ def markdown(summary: dict) -> str:
     for name, v in summary["dataset_clp"].items():
         lines.append(f"| {name} | {v['num_test_examples']} | {v['clp']:.2f} | "
                      f"[{v['classwise_min']:.2f} to {v['classwise_max']:.2f}] |")
+    if summary.get("ood_sets"):
+        lines += ["", "CLP of the evaluation's OOD sets (Eq. 4 on each set; class-wise over its labels):", "",
+                  "| OOD set | N | CLP | class-wise CLP range |", "|---|---:|---:|---|"]
+        for name, v in summary["ood_sets"].items():
+            lines.append(f"| {name} | {v['num_examples']} | {v['clp']:.2f} | "
+                         f"[{v['classwise_min']:.2f} to {v['classwise_max']:.2f}] |")
     if "detector" in summary:
         lines += ["", f"Detector (step {summary['detector']['step']}, Gaussian score): AUROC per OOD class",
                   "", "| class | dataset | class-wise CLP | AUROC |", "|---|---|---:|---:|"]

@@ -20,7 +20,7 @@ FROM_EPOCHS = -1  # the sentinel of the *_steps keys: "use the epoch count inste
 STEM_MIN_IMAGENET = 64  # model.stem="auto": images this large get the ImageNet stem
 # Keys that may change when a workdir is resumed or re-evaluated: they decide what is reported and
 # how often, not what is trained.
-RUN_CONTROL_KEYS = ("ood.", "clp.", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
+RUN_CONTROL_KEYS = ("ood.", "clp.", "compare.", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
                     "keep_checkpoints", "eval_batch_size", "allow_config_change", "train.peak_tflops",
                     "data.num_workers")
 
@@ -141,6 +141,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.clp.learning_rate = 0.2  # SGD, momentum 0.9, cosine, weight decay 1e-6 (paper App. C)
     config.clp.warmup_steps = 0
     config.clp.num_bins = 10  # sample-wise CLP bins for AUROC (Fig. 4c)
+
+    # --mode=train also trains the paper's baseline (no contrastive training, no label smoothing; the
+    # same network, augmentation and scoring) into WORKDIR/baseline and writes the Table 3 comparison.
+    config.compare = ml_collections.ConfigDict()
+    config.compare.baseline = False
+    config.compare.baseline_steps = 0  # 0: ours' stage-2 steps (Table 2's protocol: pre-training comes on top)
+    config.compare.baseline_learning_rate = 0.0  # 0: ours' train.learning_rate
     return config
 
 
@@ -198,6 +205,21 @@ def clp_member_config(config: ml_collections.ConfigDict, member: int, num_classe
     c.ood.scorers = ("msp",)
     c.ood.run_after_training = False
     return c
+
+
+def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's baseline for a config: supervised only, no label smoothing, everything else the same."""
+    b = config.copy_and_resolve_references()
+    b.train.contrastive = False
+    b.train.label_smoothing = 0.0
+    b.train.stage1_steps = 0
+    if config.compare.baseline_steps:
+        b.train.stage2_steps = int(config.compare.baseline_steps)
+    if config.compare.baseline_learning_rate:
+        b.train.learning_rate = float(config.compare.baseline_learning_rate)
+    b.clp.run_after_evaluation = False
+    b.compare.baseline = False
+    return b
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

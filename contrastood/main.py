@@ -139,17 +139,25 @@ def run(config, mode: str, workdir: str, baseline_workdir: str | None = None) ->
         return
     if mode == "train":
         with workdir_lib.locked(workdir, command="contrastood.main --mode=train"):
-            from contrastood import train
+            from contrastood import config_lib, train
+            from contrastood.ood import evaluate
 
             state = train.train_and_evaluate(config, workdir)
-            if config.ood.run_after_training and config.ood.sets:
-                from contrastood.ood import evaluate
-
+            evaluated = config.ood.run_after_training and bool(config.ood.sets)
+            if evaluated:
                 evaluate.evaluate(config, workdir, state=state)
+            baseline_dir = f"{str(workdir).rstrip('/')}/baseline"
+            if config.compare.baseline and evaluated:  # the paper's baseline, trained and scored alike
+                baseline = config_lib.baseline_config(config)
+                evaluate.evaluate(baseline, baseline_dir, state=train.train_and_evaluate(baseline, baseline_dir))
             if config.clp.run_after_evaluation and config.clp.datasets:
                 from contrastood import clp_study
 
                 clp_study.run(config, workdir, detector_state=state)
+            if config.compare.baseline and evaluated:
+                from contrastood.ood import compare
+
+                compare.run(baseline_dir, workdir)
     elif mode == "evaluate":
         from contrastood.ood import evaluate
 

@@ -209,6 +209,30 @@ def test_clp_finished_members_are_not_retrained(demo_run, clp_run, monkeypatch):
     assert again["dataset_clp"] == clp_run["dataset_clp"]
 
 
+def test_compare_writes_table3_and_figures_4_to_6(demo_run, clp_run, tmp_path):
+    """The paper's baseline (supervised, no smoothing) against ours, in Table 3's layout."""
+    from contrastood.ood import compare
+
+    config, workdir, _, ours = demo_run
+    assert set(clp_run["ood_sets"]) == set(config.ood.sets)  # the CLP of every evaluated OOD set
+    baseline_config = config_lib.baseline_config(config)
+    assert (baseline_config.train.contrastive, baseline_config.train.label_smoothing) == (False, 0.0)
+    baseline_dir = str(tmp_path / "baseline")
+    baseline = evaluate.evaluate(baseline_config, baseline_dir,
+                                 state=train.train_and_evaluate(baseline_config, baseline_dir))
+    summary = compare.run(baseline_dir, str(workdir))
+    near = summary["table3"]["near_digits_6to9"]["auroc"]
+    assert near == {"baseline": baseline["results"]["near_digits_6to9"]["gaussian"]["auroc"],
+                    "ours": ours["results"]["near_digits_6to9"]["gaussian"]["auroc"]}
+    table = (workdir / "compare" / "table3.md").read_text()
+    assert "| CLP range |" in table and f"{100 * near['baseline']:.1f} / {100 * near['ours']:.1f}" in table
+    labels = {p["label"] for p in summary["fig6"]["ours"]}
+    assert labels == {"6", "7", "8", "9", "far_noise"}  # one point per OOD class, at the ensemble's CLP
+    for png in ("fig4ab_histograms.png", "fig4c_auroc_by_clp_bin.png", "fig6_auroc_vs_clp.png",
+                "fig5_failures_near_digits_6to9_baseline.png", "fig5_failures_near_digits_6to9_ours.png"):
+        assert (workdir / "compare" / png).stat().st_size > 1000, png
+
+
 def test_clp_dataset_entries_are_validated():
     with pytest.raises(errors.ConfigError, match="TRAIN_SPEC"):
         clp_study.parse_datasets(["digits=sklearn:digits:train", "noise=noise:gaussian|noise:gaussian"])

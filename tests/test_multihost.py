@@ -178,6 +178,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
             expected[f"{prefix}/{scorer}"] = v["scores"]
             if v["classes"] is not None:
                 expected[f"{prefix}/{scorer}/classes"] = v["classes"]
+        if name != "test":
+            expected[f"{name}/labels"] = feats[name]["labels"]
     with np.load(workdir / "ood_scores.npz") as written:
         assert sorted(written) == sorted(expected)
         for key, value in expected.items():

@@ -60,6 +60,8 @@ def get_config(arg: str | None = None):
     config.clp.steps = 60
     config.clp.learning_rate = 0.1
     config.clp.warmup_steps = 5
+    # Also train the paper's baseline (supervised only, no label smoothing) and compare (Table 3, Figs. 4-6).
+    config.compare.baseline = True
     if args.smoke:  # for the test suite: the same pipeline in seconds
         config.train.stage1_steps = 4
         config.train.stage2_steps = 4

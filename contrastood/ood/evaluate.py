@@ -115,7 +115,7 @@ def _evaluate(config, path, state, mesh) -> dict:
     summary = {
         "step": step,
         "in_distribution": {"train": config.data.train, "test": config.data.test, "test_accuracy": accuracy,
-                            "num_test_examples": len(test_source)},
+                            "num_test_examples": len(test_source), "class_names": list(test_source.class_names)},
         "scorers": [n for n in names if n in in_scores],
         "failed_scorers": failures,
         "results": results,

@@ -158,7 +158,7 @@ def failure_grid(images_uint8, ranks, classes, class_names: Sequence[str], path,
         image = images[index]
         axes.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                     interpolation="nearest")
-        axes.set_title(f"{ranks[index]:.1f}%\n{class_names[classes[index]]}", fontsize=8)
+        axes.set_title(f"{ranks[index]:.1f}%\n[{class_names[classes[index]]}]", fontsize=8)
         axes.set_axis_off()
     return _finish(figure, path)
 
@@ -303,4 +303,85 @@ def confusion_matrix_plot(matrix, names: Sequence[str], path, *, title: str) -> 
                 if np.isfinite(value):
                     axes.text(column, row, f"{value:.3g}", ha="center", va="center", fontsize=font_size,
                               color="black" if value > middle else "white")
+    return _finish(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline against ours (--mode=compare): the paper's Fig. 4 and Fig. 6 layouts.
+
+_BASELINE_GREY = "0.55"
+
+
+def compare_auroc_vs_clp(ours: Sequence[dict], baseline: Sequence[dict], path, *, title: str) -> np.ndarray:
+    """Fig. 6: class-wise AUROC against class-wise CLP, ours coloured by OOD set, the baseline in grey.
+
+    Points are {"clp", "auroc", "dataset", "label"}, one per OOD class of each model, the same classes
+    at the same CLP for both (the CLP is the ensemble's, not the detector's).
+    """
+    if not ours or not baseline:
+        raise ValueError("both models need at least one OOD class point.")
+    figure = _new_figure(9, 5)
+    axes = figure.add_subplot()
+    axes.scatter([p["clp"] for p in baseline], [p["auroc"] for p in baseline], s=22, color=_BASELINE_GREY,
+                 marker="o", label="baseline (all sets)")
+    datasets = list(dict.fromkeys(p["dataset"] for p in ours))
+    for index, dataset in enumerate(datasets):
+        members = [p for p in ours if p["dataset"] == dataset]
+        axes.scatter([p["clp"] for p in members], [p["auroc"] for p in members], s=22, color=_colour(index),
+                     label=f"ours: {dataset}")
+    for p in ours:
+        axes.annotate(str(p["label"]), (p["clp"], p["auroc"]), xytext=(2, 2), textcoords="offset points", fontsize=6,
+                      alpha=0.8)
+    axes.set_xlabel("class-wise confusion log probability (CLP)  \u2190 far OOD | near OOD \u2192")
+    axes.set_ylabel("AUROC (Gaussian score, Eq. 2)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    return _finish(figure, path)
+
+
+def compare_histograms(panels: Sequence[dict], path, *, title: str) -> np.ndarray:
+    """Fig. 4a/b: rows of panels, each {"title", "in_scores", "out_scores", "out_label"}, on shared bins."""
+    if not panels:
+        raise ValueError("no panels to draw.")
+    columns = 2
+    rows = math.ceil(len(panels) / columns)
+    figure = _new_figure(5.5 * columns, 3.4 * rows + 0.4)
+    figure.suptitle(title)
+    for index, panel in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        inside, outside = _as_scores(panel["in_scores"], "in_scores"), _as_scores(panel["out_scores"], "out_scores")
+        edges = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=40)
+        axes.hist(inside, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="black",
+                  label=f"in-distribution (n={inside.size})")
+        axes.hist(outside, bins=edges, density=True, histtype="step", linewidth=1.6, color=_colour(index % 2),
+                  label=f"{panel['out_label']} (n={outside.size})")
+        axes.set_title(panel["title"], fontsize=9)
+        axes.set_xlabel("s(x), Eq. 2")
+        axes.legend(fontsize=7)
+    return _finish(figure, path)
+
+
+def compare_auroc_by_clp_bins(ours: Sequence[dict], baseline: Sequence[dict], path, *, title: str) -> np.ndarray:
+    """Fig. 4c: AUROC per sample-wise CLP bin (the same bins) for ours and the baseline."""
+    if len(ours) != len(baseline) or not ours:
+        raise ValueError("both models need the same, non-empty list of bins.")
+    centres = np.array([(b["clp_low"] + b["clp_high"]) / 2 for b in ours])
+    width = np.array([max(b["clp_high"] - b["clp_low"], 1e-9) for b in ours]) * 0.4
+    figure = _new_figure(8, 4.5)
+    axes = figure.add_subplot()
+    for shift, bins, colour, label in ((-0.5, baseline, _BASELINE_GREY, "baseline"), (0.5, ours, "tab:blue", "ours")):
+        aurocs = np.array([b["auroc"] for b in bins], dtype=np.float64)
+        filled = np.isfinite(aurocs)
+        axes.bar(centres[filled] + shift * width[filled], aurocs[filled], width=width[filled], color=colour,
+                 edgecolor="black", linewidth=0.5, label=label)
+    for b, centre in zip(ours, centres):
+        axes.text(centre, 1.02, f"n={b['count']}", ha="center", fontsize=7)
+    axes.set_ylim(0, 1.1)
+    axes.set_xlabel("sample-wise confusion log probability (CLP)")
+    axes.set_ylabel("AUROC")
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
     return _finish(figure, path)

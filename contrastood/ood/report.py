@@ -67,6 +67,7 @@ def write(summary: dict, workdir, *, config, in_scores: Mapping[str, dict], ood_
     arrays.update({f"{name}/{k}": v["scores"] for name, s in ood_scores.items() for k, v in s.items()})
     arrays.update({f"{name}/{k}/classes": v["classes"] for name, s in ood_scores.items() for k, v in s.items()
                    if v["classes"] is not None})
+    arrays.update({f"{name}/labels": np.asarray(data.labels) for name, data in ood_data.items()})
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     workdir_lib.atomic_write_bytes(workdir / "ood_scores.npz", buffer.getvalue())
