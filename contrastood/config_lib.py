@@ -381,9 +381,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise errors.ConfigError(f"augment: {error}") from None
     o = config.ood
     try:
-        scorers.resolve(o.scorers)
+        names = scorers.resolve(o.scorers)
     except ValueError as error:
         raise errors.ConfigError(f"ood.scorers: {error}") from None
+    _check(not config.compare.baseline or "gaussian" in names,
+           "compare.baseline compares the Gaussian score (Eq. 2), but ood.scorers leaves it out; add gaussian to "
+           "--config.ood.scorers or set --config.compare.baseline=False")
     _check(o.shrinkage in scorers.SHRINKAGE_METHODS,
            f"ood.shrinkage={o.shrinkage!r}; use one of {scorers.SHRINKAGE_METHODS}")
     _check(o.knn_k >= 1, "ood.knn_k must be >= 1")

@@ -128,6 +128,8 @@ def _apply_set_overrides(config) -> None:
 
 
 def run(config, mode: str, workdir: str, baseline_workdir: str | None = None) -> None:
+    import jax
+
     from contrastood import workdir as workdir_lib
 
     if mode == "compare":
@@ -154,7 +156,7 @@ def run(config, mode: str, workdir: str, baseline_workdir: str | None = None) ->
                 from contrastood import clp_study
 
                 clp_study.run(config, workdir, detector_state=state)
-            if config.compare.baseline and evaluated:
+            if config.compare.baseline and evaluated and jax.process_index() == 0:  # reads files, writes reports
                 from contrastood.ood import compare
 
                 compare.run(baseline_dir, workdir)

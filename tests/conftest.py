@@ -1,15 +1,22 @@
-"""Test setup: 8 forced CPU devices so multi-device code paths run on any machine.
+"""Test setup: 8 forced CPU devices so multi-device code paths run on any machine, and a persistent
+XLA compilation cache (most of a small test's time is compilation).
 
-XLA_FLAGS must be set before JAX initialises its backends, so it happens at import time here.
+XLA_FLAGS must be set before JAX initialises its backends, so it happens at import time here. The
+variables are inherited by the subprocesses the tests start, so they share the cache too; set
+CONTRASTOOD_TEST_XLA_CACHE= (empty) to run without it.
 """
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-
-import pathlib
+_CACHE = os.environ.get("CONTRASTOOD_TEST_XLA_CACHE",
+                        str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_xla_cache"))
+if _CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
 

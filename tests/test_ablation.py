@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ablation  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_table_and_skips_finished_runs(tmp_path, monkeypatch):
     args = ["--preset=smoke", "--seeds=0", "--variants=supervised,contrastive+ls", f"--out={tmp_path}"]
     table = ablation.main(args)  # one variant of each code path keeps the test short
@@ -71,6 +72,7 @@ def test_train_fraction_is_a_fixed_subset_shared_by_every_variant():
         ablation.study.get_config("preset=smoke,variant=supervised,train_fraction=0")
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_the_paper_layout(tmp_path):
     table = ablation.main(["--preset=smoke", "--seeds=0", "--sweep=temperature", "--values=0.5,1", f"--out={tmp_path}"])
     assert set(table) == {"0.5", "1"}

@@ -40,6 +40,7 @@ def assert_one_line_error(out, *fragments):
     (["--config.data.num_classes=9"], ["classes [6, 7, 8] have fewer than 2 training examples"]),
     (["--config.ood.scorers=gaussian,mahalanobiss"], ["ood.scorers", "mahalanobiss"]),
     (["--config.train.batch_size=12"], ["not divisible by the 8 devices"]),
+    (["--config.ood.scorers=msp"], ["compare.baseline", "--config.compare.baseline=False"]),
 ])
 def test_mistakes_are_one_line_naming_the_fix(tmp_path, args, fragments):
     assert_one_line_error(main(SMOKE, f"--workdir={tmp_path / 'w'}", *args), *fragments)
@@ -72,10 +73,12 @@ def test_tfds_spec_that_is_not_prepared_fails_in_seconds(tmp_path):
     assert time.time() - started < 120 and not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.slow
 def test_ood_sets_and_tuple_keys_are_overridable(tmp_path):
     workdir = tmp_path / "w"
     out = main(SMOKE, f"--workdir={workdir}", "--config.ood.sets.photos=sklearn:photos:40", "--config.ood.sets.far_noise=",
-               "--config.ood.scorers=msp,energy", "--config.ood.plots=False", "--config.clp.run_after_evaluation=False")
+               "--config.ood.scorers=msp,energy", "--config.ood.plots=False", "--config.clp.run_after_evaluation=False",
+               "--config.compare.baseline=False")
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 
@@ -100,6 +103,7 @@ def wait_for(proc, text, lines):
     pytest.fail("".join(lines)[-3000:])
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_is_refused_and_the_first_is_untouched(tmp_path):
     """Was: a second run with another seed overwrote every checkpoint of the first, which exited 0."""
     workdir = tmp_path / "w"
@@ -124,6 +128,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_the_first_is_untouched(
                           "seed: 0 -> 1", "allow_config_change")
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     import json
     import socket
@@ -139,6 +144,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert "taking over the stale lock" in out.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     workdir = tmp_path / "w"
     proc = start_training(workdir)
@@ -158,6 +164,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare for a private tmpfs")
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_finished_checkpoints(tmp_path):
     """A workdir on a 2 MiB tmpfs (a private mount namespace): the save that does not fit fails cleanly."""
     script = f"""

@@ -682,6 +682,7 @@ def test_eval_over_a_folder_source_reads_each_example_once_per_host(tmp_path):
 # ------------------------------------------------------------------------------------- without TensorFlow
 
 
+@pytest.mark.slow
 def test_data_training_and_evaluation_run_without_tensorflow(tmp_path):
     """The npz/noise/sklearn path and the whole smoke run with TensorFlow made unimportable."""
     code = f"""

@@ -13,6 +13,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import device_study  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
+
 
 @pytest.fixture(scope="module")
 def fake_shared_data(tmp_path_factory):

@@ -105,6 +105,7 @@ def test_evaluate_without_checkpoint_names_the_fix(tmp_path):
     assert not (tmp_path / "typo").exists()  # a mistyped workdir is not created
 
 
+@pytest.mark.slow
 def test_feature_cache_never_describes_another_model_or_other_data(demo_run, tmp_path):
     """Was: the cache key was (step, spec), so a retrained model or a rewritten npz got stale features."""
     config, workdir, state, summary = demo_run
@@ -179,6 +180,7 @@ def clp_run(demo_run):
     return clp_study.run(config, str(workdir), detector_state=state)
 
 
+@pytest.mark.slow
 def test_clp_report_and_plots(demo_run, clp_run):
     config, workdir, _, _ = demo_run
     summary = clp_run
@@ -196,6 +198,7 @@ def test_clp_report_and_plots(demo_run, clp_run):
         assert (workdir / "plots" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_clp_finished_members_are_not_retrained(demo_run, clp_run, monkeypatch):
     config, workdir, state, _ = demo_run
 
@@ -209,6 +212,7 @@ def test_clp_finished_members_are_not_retrained(demo_run, clp_run, monkeypatch):
     assert again["dataset_clp"] == clp_run["dataset_clp"]
 
 
+@pytest.mark.slow
 def test_compare_writes_table3_and_figures_4_to_6(demo_run, clp_run, tmp_path):
     """The paper's baseline (supervised, no smoothing) against ours, in Table 3's layout."""
     from contrastood.ood import compare

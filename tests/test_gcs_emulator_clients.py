@@ -25,6 +25,8 @@ pytest.importorskip("gcp_storage_emulator",
 
 from gcs_emulator import gcs_emulator  # noqa: E402,F401  (the session-scoped fixture)
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
+
 RESULT = "RESULT "
 
 

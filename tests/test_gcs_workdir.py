@@ -26,6 +26,8 @@ pytest.importorskip("google.cloud.storage", reason="orbax needs google-cloud-sto
 
 from gcs_emulator import gcs_emulator  # noqa: E402,F401  (the session-scoped fixture)
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/digits.py:smoke"
 STEPS = ["--config.train.stage1_steps=6", "--config.train.stage2_steps=6", "--config.checkpoint_every_steps=4",

@@ -336,7 +336,7 @@ def test_real_run_matches_dry_run(fake_bin, tmp_path):
     (tarball,) = scp_dir.iterdir()
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
-    assert {"setup.py", "configs/cifar10.py", "launch/tpu_worker.sh", "launch/prepare_tfds.py",
+    assert {"setup.py", "configs", "contrastood/configs/cifar10.py", "launch/tpu_worker.sh", "launch/prepare_tfds.py",
             "contrastood/main.py", "tests/test_launch.py"} <= names
     assert not any(n.startswith(".git/") or "__pycache__" in n or n.endswith(".egg-info") for n in names)
     assert not (tmp_path / "contrastood-c10-run.tar.gz").exists(), "the local tarball was not removed"

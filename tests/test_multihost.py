@@ -28,6 +28,8 @@ from contrastood.data import sources
 from contrastood.ood import evaluate, scorers
 from contrastood.ood import features as features_lib
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
 TIMEOUT_S = 420

@@ -8,9 +8,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from contrastood import checkpointing, models, parallel, train
 from contrastood.configs import digits
+
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24

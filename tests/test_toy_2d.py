@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import PIL.Image
+
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this module out
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "toy_2d.py"
 METHODS = ("supervised", "contrastive")

@@ -190,6 +190,7 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_its_step_saved_again(fu
     leaves_close(full.params, restore(workdir, config).params, rtol=0, atol=0)  # the retrained step 6 is on disk
 
 
+@pytest.mark.slow
 def test_all_checkpoints_unreadable_restarts_loudly_and_saves(full_run, tmp_path, caplog):
     config, _, full_workdir = full_run
     workdir = str(tmp_path / "run")
@@ -244,6 +245,7 @@ def test_checkpoints_of_the_single_item_layout_still_restore(full_run, tmp_path)
     leaves_close(full.params, model_state.params, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_without_checkpointing(tmp_path):
     config = tiny_config(tmp_path, optimizer="sgd", learning_rate=1e30, stage1_steps=0, stage2_steps=6,
                          contrastive=False)
@@ -313,6 +315,7 @@ def test_schedule_warms_up_and_restarts_per_stage(tmp_path):
     assert lrs[4] == pytest.approx(1.0) and np.all(np.diff(lrs[4:]) <= 1e-7) and lrs[10] > 0.5
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_to_a_comparable_loss(tmp_path):
     """Mixed precision (bf16 compute, fp32 params/BN statistics/losses) follows the fp32 run closely."""
     losses = {}
@@ -353,6 +356,7 @@ def test_config_changes_names_each_differing_dotted_key():
     assert config_lib.config_changes(current, current) == {}
 
 
+@pytest.mark.slow
 def test_resume_on_a_streaming_folder_source_equals_uninterrupted(tmp_path, monkeypatch):
     """Image files read per index, crops cut on the host at 64 px (ImageNet stem): resume at step 3 is exact."""
     from contrastood.configs import folder
@@ -386,3 +390,55 @@ def test_resume_on_a_streaming_folder_source_equals_uninterrupted(tmp_path, monk
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     leaves_close(full.params, resumed.params, rtol=0, atol=0)
     leaves_close(full.batch_stats, resumed.batch_stats, rtol=0, atol=0)
+
+
+def test_unlabelled_rows_enter_the_contrastive_loss_only(tmp_path):
+    """Paper Sec. 6: rows labelled -1 get no class-loss gradient; with every row labelled the masked loss
+    is the unmasked one bit for bit (so an empty data.unlabelled changes nothing)."""
+    from contrastood import losses
+
+    rng = np.random.default_rng(0)
+    logits = jax.numpy.asarray(rng.normal(size=(12, 4)), jax.numpy.float32)
+    labels = np.array([0, 1, 2, 3, -1, -1, 0, 1, -1, 2, 3, 0], np.int32)
+
+    def class_loss(z, lab, mask):
+        return losses.smoothed_cross_entropy(z, np.maximum(lab, 0), 0.1, mask)[0]
+
+    grad = jax.grad(class_loss)(logits, labels, labels >= 0)
+    np.testing.assert_array_equal(np.asarray(grad)[labels < 0], 0.0)
+    assert np.all(np.abs(np.asarray(grad)[labels >= 0]).sum(axis=1) > 0)
+    labelled = np.abs(labels)
+    full_mask = np.ones(12, bool)
+    assert float(class_loss(logits, labelled, full_mask)) == float(class_loss(logits, labelled, None))
+    np.testing.assert_array_equal(jax.grad(class_loss)(logits, labelled, full_mask),
+                                  jax.grad(class_loss)(logits, labelled, None))
+
+
+@pytest.mark.slow
+def test_training_with_unlabelled_images_resumes_exactly(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    images = np.random.default_rng(5).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "extra.npz", images=images, labels=np.full(30, -1))
+    config.data.unlabelled = f"npz:{tmp_path / 'extra.npz'}"
+    config.data.unlabelled_fraction = 0.25
+    config.checkpoint_every_steps = 3
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    real_batches = pipeline.train_batches
+
+    def dying_batches(*args, **kwargs):
+        assert kwargs["unlabelled"].fraction == 0.25
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            assert np.all(batch["label"][12:] == -1) and np.all(batch["label"][:12] >= 0)  # 4 of 16 rows
+            if i == 4:
+                raise KeyboardInterrupt("simulated preemption")
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    leaves_close(full.params, resumed.params, rtol=0, atol=0)
+    without = tiny_config(tmp_path)  # the unlabelled images change the training
+    other = train.train_and_evaluate(without, str(tmp_path / "without"))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(other.params)))

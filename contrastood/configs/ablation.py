@@ -80,7 +80,7 @@ def get_config(arg: str | None = None):
         c.data.num_classes = 6
         c.ood.sets = ood_sets(a.data)
         c.train.batch_size = a.batch or 128
-        c.eval_batch_size = 500 if a.preset != "device" else 1000
+        c.eval_batch_size = 512 if a.preset != "device" else 1024
     steps, warmup = PRESET_STEPS[a.preset]
     if a.steps:
         steps, warmup = a.steps, max(1, a.steps // 20)
