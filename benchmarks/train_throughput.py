@@ -29,8 +29,12 @@ from contrastood.ood import features
 
 
 def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool,
-              eval_batch: int = 496, image_size: int = 32, min_seconds: float = 0.0) -> dict:
-    """One row of the table; steps are timed until both `steps` ran and `min_seconds` passed."""
+              eval_batch: int = 496, image_size: int = 32, min_seconds: float = 0.0,
+              options: dict | None = None) -> dict:
+    """One row of the table; steps are timed until both `steps` ran and `min_seconds` passed.
+
+    `options`: the XLA compiler options (default: contrastood.perf.compiler_options())."""
+    options = perf.compiler_options() if options is None else options
     config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
@@ -45,7 +49,7 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     schedule = train.learning_rate_schedule(config, 10, 10, 1)
     tx = train.create_optimizer(config, schedule)
     state = parallel.replicate(train.create_train_state(jax.random.key(0), model, tx, image_size), mesh)
-    step = train.jit_train_step(train.make_train_step(model, tx, config, 0, schedule), mesh)
+    step = train.jit_train_step(train.make_train_step(model, tx, config, 0, schedule), mesh, options)
     rng = np.random.default_rng(0)
     data = parallel.to_global({"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
                                "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
@@ -56,7 +60,7 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     seconds, state = _time(lambda s: compiled(s, data), state, steps, min_seconds)
     views = 2 if contrastive else 1
     peak, peak_source = perf.peak_flops_per_device(dtype)
-    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps, image_size, min_seconds)
+    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps, image_size, min_seconds, options)
     return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
                 step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
                 gflop_step=flops * mesh.devices.size / 1e9, gflop_s=flops * mesh.devices.size / seconds / 1e9,
@@ -81,11 +85,12 @@ def _time(run_step, state, steps: int, min_seconds: float = 0.0):
 
 
 def _extract_seconds(model, state, mesh, eval_batch: int, steps: int, image_size: int,
-                     min_seconds: float = 0.0) -> float:
+                     min_seconds: float = 0.0, options: dict | None = None) -> float:
     """Seconds per batch of the OOD feature-extraction step (pre_logits + logits, no ODIN)."""
     extract = jax.jit(features.make_extract_step(model, [], None),
                       in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                      out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
+                      out_shardings=parallel.replicated(mesh),
+                      compiler_options=perf.compiler_options() if options is None else options)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     images = np.random.default_rng(1).integers(0, 256, (eval_batch, image_size, image_size, 3), dtype=np.uint8)
     batch = parallel.to_global({"image": images}, mesh)
@@ -111,7 +116,8 @@ def main():
     parser.add_argument("--eval_batch", type=int, default=496, help="feature-extraction batch")
     parser.add_argument("--image_size", type=int, default=32, help="input resolution (64+ gets the ImageNet stem)")
     parser.add_argument("--cpu_tuning", default="on", choices=["on", "off", "both"],
-                        help="contrastood.perf.compiler_options on CPU (off: XLA's defaults)")
+                        help="on: contrastood.perf.compiler_options() (the cached measured choice, else the "
+                             "default set); off: XLA's defaults")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.device_count()} devices of kind {jax.devices()[0].device_kind!r}, "
           f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

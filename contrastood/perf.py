@@ -9,15 +9,19 @@ large matmul under XLA", which is the ceiling a convolution network can approach
 """
 from __future__ import annotations
 
+import fcntl
 import functools
+import json
 import logging
 import math
 import os
+import platform
 import re
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense peak TFLOP/s per device (one chip; for GPUs the SXM parts), bf16 and fp32 (no TF32/sparsity).
 _PEAK_TFLOPS = {
@@ -38,36 +42,147 @@ _PEAK_TFLOPS = {
 }
 
 
-# XLA:CPU hands dots and convolutions to YNNPACK by default; on the development CPU (x86-64, AVX-512)
-# the ResNet-18 train step then spent a quarter of its time in the transposes its weight-gradient
-# convolutions need. Keeping reductions and elementwise fusions in YNNPACK but leaving dots and
-# convolutions to XLA's own emitters measured 23.2 -> 55.7 passes/s (README, "Measured here").
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE",
+# XLA:CPU option sets tried on each new CPU (see choose_cpu_options). With XLA's defaults YNNPACK runs
+# dots and convolutions too; on the CPUs measured so far (an Intel Xeon with AVX-512/AMX, an AMD EPYC
+# with AVX-512/BF16) keeping only reductions and elementwise fusions in YNNPACK was fastest: ResNet-18's
+# step 23.2 -> 55.7 and 18.9 -> 36.6 passes/s (results/README.md), because the weight-gradient
+# convolutions no longer need transposes.
+_R, _E = "LIBRARY_FUSION_TYPE_REDUCE", "LIBRARY_FUSION_TYPE_ELTWISE"
+CPU_CANDIDATES = {
+    "xla_defaults": {},
+    "ynn_reduce_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_R},{_E}"},
+    "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
-DISABLE_ENV = "CONTRASTOOD_XLA_CPU_TUNING"
+CPU_COMPILER_OPTIONS = CPU_CANDIDATES["ynn_reduce_eltwise"]  # the choice on the CPUs measured so far
+DISABLE_ENV = "CONTRASTOOD_XLA_CPU_TUNING"  # 0: XLA's defaults; 1 (default): the cached measured choice
+OPTIONS_ENV = "CONTRASTOOD_XLA_CPU_OPTIONS"  # a name of CPU_CANDIDATES: use it, measure nothing
+CACHE_ENV = "CONTRASTOOD_CACHE_DIR"  # where the per-CPU choice is kept (default ~/.cache/contrastood)
+_MIN_GAIN = 1.05  # a candidate must beat XLA's defaults by 5% to be chosen (below that it is noise)
+# Measuring costs about one compile per candidate: shorter runs take the cached choice, or the default.
+TUNE_MIN_STEPS = 1000
 
 
-def compiler_options() -> dict[str, str]:
-    """XLA options for every jitted step of this package (`jax.jit(..., compiler_options=...)`).
+def compiler_options(workload: str | None = None) -> dict[str, str]:
+    """XLA options for a jitted step of this package (`jax.jit(..., compiler_options=...)`).
 
-    CPU only; `CONTRASTOOD_XLA_CPU_TUNING=0` turns them off (XLA's defaults), e.g. to compare. An XLA
-    that does not know an option (another jaxlib) gets none of them, with a warning, rather than failing.
+    CPU backends only. The training loop measures the candidates on its own step the first time a
+    CPU model (and jax version) meets a workload (`choose`), and caches the winner; a step of a
+    workload with a cached choice gets it, any other step CPU_COMPILER_OPTIONS.
+    `CONTRASTOOD_XLA_CPU_OPTIONS=NAME` picks a candidate by name and measures nothing;
+    `CONTRASTOOD_XLA_CPU_TUNING=0` gives XLA's defaults. An option this XLA does not know (another
+    jaxlib) drops that candidate, with a warning, rather than failing.
     """
     if os.environ.get(DISABLE_ENV, "1") == "0" or jax.default_backend() != "cpu":
         return {}
-    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else {}
+    forced = os.environ.get(OPTIONS_ENV)
+    if forced:
+        if forced not in CPU_CANDIDATES:
+            raise ValueError(f"{OPTIONS_ENV}={forced!r}; use one of {sorted(CPU_CANDIDATES)}")
+        return dict(CPU_CANDIDATES[forced]) if _supported(forced) else {}
+    cached = _read_table(_cache_file()).get(_key(workload)) if workload else None
+    if cached and cached.get("choice") in CPU_CANDIDATES:
+        return dict(CPU_CANDIDATES[cached["choice"]])
+    return dict(CPU_COMPILER_OPTIONS) if _supported("ynn_reduce_eltwise") else {}
+
+
+def workload(config, num_devices: int) -> str:
+    """The key a measured choice is cached under: what decides which XLA:CPU options are fastest."""
+    return (f"{config.model.name}-x{config.model.width}-{config.model.dtype}-{config.data.image_size}px-"
+            f"b{config.train.batch_size // max(num_devices, 1)}x{num_devices}-"
+            f"{'contrastive' if config.train.contrastive else 'supervised'}")
+
+
+def tuning_active() -> bool:
+    """Whether `choose` would measure (a CPU backend, tuning on, no option set forced by name)."""
+    return (jax.default_backend() == "cpu" and os.environ.get(DISABLE_ENV, "1") != "0"
+            and not os.environ.get(OPTIONS_ENV))
+
+
+def choose(workload: str, seconds_per_step) -> dict[str, str]:
+    """The fastest candidate for `workload` on this CPU, measured once and cached.
+
+    `seconds_per_step(options)` compiles and times the real step with those options. Measuring happens
+    under an exclusive file lock, so parallel processes (test workers) measure once and the others read
+    the result. A candidate must beat XLA's defaults by 5% to be chosen (below that it is noise).
+    """
+    if not tuning_active():
+        return compiler_options(workload)
+    path = _cache_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    key = _key(workload)
+    with open(path + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = _read_table(path)
+            if key in table and table[key].get("choice") in CPU_CANDIDATES:
+                return dict(CPU_CANDIDATES[table[key]["choice"]])
+            started = time.perf_counter()
+            timings = {name: seconds_per_step(dict(options)) for name, options in CPU_CANDIDATES.items()
+                       if _supported(name)}
+            choice = min(timings, key=timings.get)
+            if "xla_defaults" in timings and timings[choice] * _MIN_GAIN > timings["xla_defaults"]:
+                choice = "xla_defaults"
+            table[key] = {"choice": choice, "seconds_per_step": timings, "workload": workload,
+                          "identity": cpu_identity(), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+                          "measuring_took_s": round(time.perf_counter() - started, 1)}
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(table, f, indent=2)
+            os.replace(tmp, path)
+            logging.info("XLA:CPU options for %s on %s: %s (seconds per step %s; measured once, cached in %s)",
+                         workload, cpu_identity()["cpu"], choice, timings, path)
+            return dict(CPU_CANDIDATES[choice])
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_options_supported() -> bool:
+def _supported(name: str) -> bool:
     try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(jnp.zeros(())).compile()
+        jax.jit(lambda x: x + 1, compiler_options=CPU_CANDIDATES[name]).lower(jnp.zeros(())).compile()
     except Exception as error:  # INVALID_ARGUMENT from XLA for unknown options or values
-        logging.warning("XLA rejected the CPU tuning options %s (%s); using XLA's defaults",
-                        CPU_COMPILER_OPTIONS, str(error).splitlines()[0][:200])
+        logging.warning("XLA rejected the CPU options %s = %s (%s); not using them", name, CPU_CANDIDATES[name],
+                        str(error).splitlines()[0][:200])
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_identity() -> dict[str, str]:
+    """What a choice depends on: the CPU model and vector ISA, the jax/jaxlib version, the device count."""
+    import jaxlib
+
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")) and not flags:
+                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd", "sve")
+                    flags = " ".join(sorted(f for f in line.split(":", 1)[1].split() if f in wanted))
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor() or platform.machine(), "isa": flags, "cores": str(os.cpu_count()),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "devices": str(jax.local_device_count())}
+
+
+def _key(workload: str | None) -> str:
+    return "|".join([f"{k}={v}" for k, v in sorted(cpu_identity().items())] + [f"workload={workload}"])
+
+
+def _cache_file() -> str:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "contrastood")
+    return os.path.join(root, "xla_cpu_options.json")
+
+
+def _read_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def step_flops(compiled) -> float:
@@ -97,7 +212,7 @@ def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int
     with XLA's default options and with `compiler_options()`, whichever is faster."""
     a = jnp.ones((size, size), dtype)
     best = math.inf
-    for options in ({}, compiler_options()):
+    for options in ({}, compiler_options()):  # the better of XLA's defaults and the chosen options
         matmul = jax.jit(lambda x: x @ x, compiler_options=options)
         jax.block_until_ready(matmul(a))
         for _ in range(repeats):

@@ -173,16 +173,36 @@ def make_eval_step(model: models.ContrastiveResNet) -> Callable:
     return eval_step
 
 
-def jit_train_step(step_fn, mesh) -> Callable:
+def jit_train_step(step_fn, mesh, options: dict | None = None) -> Callable:
     """State replicated, batch sharded along 'data'; the old state's buffers are donated."""
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=(0,),
-                   compiler_options=perf.compiler_options())
+                   compiler_options=perf.compiler_options() if options is None else options)
 
 
-def jit_eval_step(step_fn, mesh) -> Callable:
+def jit_eval_step(step_fn, mesh, options: dict | None = None) -> Callable:
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=repl, compiler_options=perf.compiler_options())
+    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=repl,
+                   compiler_options=perf.compiler_options() if options is None else options)
+
+
+def tuned_options(step_fn, mesh, state: TrainState, batch: dict, workload: str) -> dict:
+    """The XLA:CPU options for this step: measured on it (a copy of the state, the first batch) the first
+    time this CPU meets this workload, then cached (perf.choose)."""
+
+    def seconds_per_step(options: dict) -> float:
+        compiled = jit_train_step(step_fn, mesh, options).lower(state, batch).compile()
+        trial = jax.tree.map(jnp.copy, state)
+        trial, metrics = compiled(trial, batch)  # warm-up
+        jax.block_until_ready(metrics)
+        started, steps = time.perf_counter(), 0
+        while steps < 2 or (time.perf_counter() - started < 1.0 and steps < 10):
+            trial, metrics = compiled(trial, batch)
+            jax.block_until_ready(metrics)
+            steps += 1
+        return (time.perf_counter() - started) / steps
+
+    return perf.choose(workload, seconds_per_step)
 
 
 def evaluate_accuracy(eval_step, state, source: sources.Source, config: ml_collections.ConfigDict, mesh) -> float:
@@ -282,8 +302,8 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
     if start_step == 0:
         writer.write_hparams(config_lib.hparams(config))
 
-    train_step = jit_train_step(make_train_step(model, tx, config, stage1_steps, schedule, host_crops=host_crops), mesh)
-    eval_step = jit_eval_step(make_eval_step(model), mesh)
+    step_fn = make_train_step(model, tx, config, stage1_steps, schedule, host_crops=host_crops)
+    workload = perf.workload(config, mesh.devices.size)
     crop = pipeline.HostCrop(tuple(config.augment.crop_area), tuple(config.augment.crop_aspect)) if host_crops else None
     host_batches = pipeline.train_batches(
         train_source, global_batch_size=config.train.batch_size, seed=config.seed, image_size=config.data.image_size,
@@ -298,10 +318,16 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
     if start_step < total_steps:
         # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
         first_batch = next(batches)
-        train_step = train_step.lower(state, first_batch).compile()
+        measure = perf.tuning_active() and total_steps - start_step >= perf.TUNE_MIN_STEPS
+        options = (tuned_options(step_fn, mesh, state, first_batch, workload) if measure
+                   else perf.compiler_options(workload))
+        train_step = jit_train_step(step_fn, mesh, options).lower(state, first_batch).compile()
         flops_per_step = perf.step_flops(train_step)
         peak_flops, _ = perf.log_peak(config.model.dtype, config.train.peak_tflops)
         logging.info("train step: %.3g FLOPs per device (XLA estimate)", flops_per_step)
+    else:
+        train_step = jit_train_step(step_fn, mesh, perf.compiler_options(workload))
+    eval_step = jit_eval_step(make_eval_step(model), mesh, perf.compiler_options(workload))
     last_log_time, last_log_step = time.time(), start_step
     watcher = preemption.Watcher()
     try:

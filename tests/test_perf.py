@@ -42,7 +42,7 @@ def test_peak_sources():
 
 
 def test_cpu_compiler_options_keep_the_numbers(monkeypatch):
-    """The CPU tuning changes which emitter runs the convolutions, not what a train step computes."""
+    """Every candidate changes which emitter runs the convolutions, not what a train step computes."""
     from contrastood import config_lib, models, parallel, train
 
     config = config_lib.base_config()
@@ -58,18 +58,58 @@ def test_cpu_compiler_options_keep_the_numbers(monkeypatch):
     batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 4, 16).astype(np.int32)}
     results, programs = {}, {}
-    for tuning in ("0", "1"):
-        monkeypatch.setenv(perf.DISABLE_ENV, tuning)
-        assert bool(perf.compiler_options()) == (tuning == "1")
+    for name, options in perf.CPU_CANDIDATES.items():
         state = parallel.replicate(train.create_train_state(jax.random.key(0), model, tx, 32), mesh)
-        step = train.jit_train_step(train.make_train_step(model, tx, config, 1, schedule), mesh)
-        programs[tuning] = step.lower(state, parallel.to_global(batch, mesh)).compile().as_text()
+        step = train.jit_train_step(train.make_train_step(model, tx, config, 1, schedule), mesh, options)
+        programs[name] = step.lower(state, parallel.to_global(batch, mesh)).compile().as_text()
         for _ in range(2):
             state, metrics = step(state, parallel.to_global(batch, mesh))
-        results[tuning] = jax.device_get((metrics, state.params))
-    assert programs["0"] != programs["1"], "jit_train_step did not pass perf.compiler_options() to XLA"
-    (m0, p0), (m1, p1) = results["0"], results["1"]
-    for key in ("loss", "contrastive_loss", "class_loss", "grad_norm"):
-        np.testing.assert_allclose(m0[key], m1[key], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        results[name] = jax.device_get((metrics, state.params))
+    assert len(set(programs.values())) == len(programs), "jit_train_step did not pass its options to XLA"
+    m0, p0 = results["xla_defaults"]
+    for name, (m1, p1) in results.items():
+        for key in ("loss", "contrastive_loss", "class_loss", "grad_norm"):
+            np.testing.assert_allclose(m0[key], m1[key], rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+    monkeypatch.setenv(perf.DISABLE_ENV, "0")
+    assert perf.compiler_options() == {}
+    monkeypatch.setenv(perf.DISABLE_ENV, "1")
+    monkeypatch.setenv(perf.OPTIONS_ENV, "ynn_off")
+    assert perf.compiler_options() == perf.CPU_CANDIDATES["ynn_off"]
+    monkeypatch.setenv(perf.OPTIONS_ENV, "fastest")
+    with pytest.raises(ValueError, match="CONTRASTOOD_XLA_CPU_OPTIONS='fastest'"):
+        perf.compiler_options()
+
+
+def test_the_choice_is_measured_once_per_cpu_and_workload_even_by_parallel_processes(tmp_path):
+    """Four processes on a new CPU (an empty cache) race: one measures, the others read its choice."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, os, time
+from contrastood import perf
+calls = []
+def seconds_per_step(options):
+    calls.append(options)
+    time.sleep(0.5)
+    return 2.0 if options == {{}} else 1.0 if options == perf.CPU_CANDIDATES["ynn_off"] else 1.5
+options = perf.choose("race-workload", seconds_per_step)
+print(json.dumps({{"measured": len(calls), "options": options}}))
+"""
+    env = {**__import__("os").environ, perf.CACHE_ENV: str(tmp_path), perf.OPTIONS_ENV: ""}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(4)]
+    outs = [__import__("json").loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(o["measured"] for o in outs) == [0, 0, 0, len(perf.CPU_CANDIDATES)]
+    assert all(o["options"] == perf.CPU_CANDIDATES["ynn_off"] for o in outs)  # the fastest of the fake timings
+    table = __import__("json").loads((tmp_path / "xla_cpu_options.json").read_text())
+    (entry,) = table.values()
+    assert entry["choice"] == "ynn_off" and entry["workload"] == "race-workload"
+    assert entry["identity"]["jax"] == jax.__version__
+    # A candidate within 5% of XLA's defaults does not displace them.
+    code_close = code.replace("race-workload", "close-workload").replace(
+        "return 2.0 if options == {} else 1.0", "return 1.0 if options == {} else 0.97")
+    out = subprocess.run([sys.executable, "-c", code_close], capture_output=True, text=True, env=env, timeout=300)
+    assert __import__("json").loads(out.stdout.strip().splitlines()[-1])["options"] == {}

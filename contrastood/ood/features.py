@@ -70,8 +70,9 @@ class FeatureExtractor:
         self.variables = parallel.replicate(variables, mesh)
         names = scorers_lib.resolve(config.ood.scorers if scorer_names is None else scorer_names)
         self.network_scorers = [scorers_lib.REGISTRY[n] for n in names if scorers_lib.REGISTRY[n].in_network]
+        options = perf.compiler_options(perf.workload(config, mesh.devices.size))  # the train step's choice
         shardings = dict(in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                         out_shardings=parallel.replicated(mesh), compiler_options=perf.compiler_options())
+                         out_shardings=parallel.replicated(mesh), compiler_options=options)
         self._steps: dict[bool, Callable] = {}
         for with_network in {False, bool(self.network_scorers)}:
             chosen = self.network_scorers if with_network else []

@@ -1,0 +1,110 @@
+r"""contrastood's train step against PyTorch's best CPU mode, side by side in one run on this machine.
+
+  python benchmarks/vs_pytorch.py                                  # tiny + ResNet-18, batch 128
+  python benchmarks/vs_pytorch.py --models=resnet_tiny --out=results/cpu_speed
+
+For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
+augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, then
+benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
+CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
+in passes/s (views through forward + backward). Prints the CPU model and vector flags, the MFU
+denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 FLOP/cycle for reference),
+and the ratios against PyTorch's best mode and against its best float32 mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def clock_ghz() -> float | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            rates = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        return max(rates) / 1000 if rates else None
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet_tiny,resnet18")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per JAX row (at least 3 steps)")
+    parser.add_argument("--torch_steps", type=int, default=5)
+    parser.add_argument("--out", default="", help="also write vs_pytorch.{json,md} there")
+    args = parser.parse_args(argv)
+    import jax
+
+    import train_throughput
+    from contrastood import perf
+
+    identity = perf.cpu_identity()
+    matmul = perf.measured_matmul_flops("float32")
+    ghz = clock_ghz()
+    print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}), jax {jax.__version__}, "
+          f"{jax.device_count()} device(s)")
+    print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
+          + (f"; cores x {ghz:.2f} GHz x 32 FLOP/cycle = {int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s"
+             if ghz else ""), flush=True)
+    rows = []
+    for model in args.models.split(","):
+        for name, options in perf.CPU_CANDIDATES.items():
+            r = train_throughput.benchmark(model, args.batch, 3, "float32", True, eval_batch=256,
+                                           min_seconds=args.seconds, options=dict(options))
+            rows.append({"framework": "contrastood", "model": model, "mode": f"float32, XLA {name}",
+                         "passes_s": r["passes_s"], "mfu": r["mfu"]})
+            print(json.dumps(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "torch.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), f"--models={args.models}",
+                        f"--batch_size={args.batch}", f"--steps={args.torch_steps}", "--repeats=2", "--augment=on",
+                        f"--json={out}"], check=True, timeout=3600)
+        torch_record = json.loads(out.read_text())
+    for r in torch_record["results"]:
+        rows.append({"framework": f"PyTorch {torch_record['meta']['torch_version']}", "model": r["model"],
+                     "mode": r["mode_label"], "passes_s": r["passes_s"], "mfu": None})
+    lines = [f"CPU: {identity['cpu']}, {identity['cores']} cores, {identity['isa']}; jax {jax.__version__}, "
+             f"PyTorch {torch_record['meta']['torch_version']}; batch {args.batch}, full two-view step with the "
+             f"augmentation; {time.strftime('%Y-%m-%d')}.", "",
+             "| model | contrastood best (options) | PyTorch best (mode) | PyTorch best float32 (mode) | "
+             "ratio to best | ratio to best float32 |", "|---|---:|---:|---:|---:|---:|"]
+    summary = {}
+    for model in args.models.split(","):
+        ours = max((r for r in rows if r["model"] == model and r["framework"] == "contrastood"), key=lambda r: r["passes_s"])
+        theirs = [r for r in rows if r["model"] == model and r["framework"] != "contrastood"]
+        best = max(theirs, key=lambda r: r["passes_s"])
+        best32 = max((r for r in theirs if not r["mode"].startswith("bf16")), key=lambda r: r["passes_s"])
+        summary[model] = {"ours": ours, "pytorch_best": best, "pytorch_best_float32": best32,
+                          "ratio": ours["passes_s"] / best["passes_s"], "ratio_float32": ours["passes_s"] / best32["passes_s"]}
+        lines.append(f"| {model} | {ours['passes_s']:.1f} ({ours['mode']}) | {best['passes_s']:.1f} ({best['mode']}) | "
+                     f"{best32['passes_s']:.1f} ({best32['mode']}) | {summary[model]['ratio']:.2f}x | "
+                     f"{summary[model]['ratio_float32']:.2f}x |")
+    lines += ["", "| framework | model | mode | passes/s | MFU |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['framework']} | {r['model']} | {r['mode']} | {r['passes_s']:.1f} | {mfu} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        target = pathlib.Path(args.out)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "vs_pytorch.json").write_text(json.dumps({"identity": identity, "matmul_flops": matmul,
+                                                            "clock_ghz": ghz, "rows": rows, "summary": summary,
+                                                            "torch": torch_record["meta"]}, indent=2))
+        (target / "vs_pytorch.md").write_text(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
