@@ -171,3 +171,25 @@ def test_cli_tiny_run(tmp_path, extra):
         assert row["passes_s"] > 0 and math.isfinite(row["loss"])
         assert row["views"] == (1 if extra else 2)
         assert row["passes_s"] == pytest.approx(row["views"] * row["img_s"])
+
+
+@pytest.mark.slow
+def test_vs_pytorch_side_by_side_run(tmp_path):
+    """The side-by-side command: every JAX option set and PyTorch mode gets a row, and the ratios are the
+    best rows' quotient."""
+    script = SCRIPT.parent / "vs_pytorch.py"
+    run = subprocess.run([sys.executable, str(script), "--models=resnet_tiny", "--batch=8", "--seconds=0.1",
+                          "--torch_steps=1", f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "vs_pytorch.json").read_text())
+    rows = result["rows"]
+    ours = [r for r in rows if r["framework"] == "contrastood"]
+    theirs = [r for r in rows if r["framework"] != "contrastood"]
+    assert {r["mode"].split("XLA ")[1] for r in ours} >= {"xla_defaults"}
+    assert {r["mode"] for r in theirs} >= {"fp32", "fp32_cl"}
+    assert all(r["passes_s"] > 0 for r in rows)
+    summary = result["summary"]["resnet_tiny"]
+    assert summary["ours"]["passes_s"] == max(r["passes_s"] for r in ours)
+    assert summary["pytorch_best"]["passes_s"] == max(r["passes_s"] for r in theirs)
+    assert math.isclose(summary["ratio"], summary["ours"]["passes_s"] / summary["pytorch_best"]["passes_s"])
+    assert "ratio to best" in (tmp_path / "vs_pytorch.md").read_text()

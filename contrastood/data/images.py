@@ -2,7 +2,7 @@
 
 Why Pillow and not tf.image: the pipeline must run where TensorFlow is absent (the GPU image), and
 `benchmarks/input_throughput.py` measures the two side by side on decode + crop + resize of JPEGs
-(README, "Input pipeline"). Pillow's decoder is libjpeg-turbo's accurate integer IDCT, the one that
+(README, "Data"). Pillow's decoder is libjpeg-turbo's accurate integer IDCT, the one that
 decoded the reference arrays in ../shared/data, and it releases the GIL, so a thread pool scales.
 
 Conventions: images are uint8 [H, W, 3] RGB numpy arrays. Grayscale becomes 3 equal channels, alpha
