@@ -106,6 +106,29 @@ def tf_make_ndarray(proto):
     return tensor_util.make_ndarray(proto)
 
 
+def interrupt_then_resume(config, workdir: str, monkeypatch, die_at: int, check_batch=None, check_call=None):
+    """Runs `config` in `workdir` until batch `die_at` raises KeyboardInterrupt (a preemption), then reruns it
+    to the end; returns the checkpoint steps left by the interrupted run and the final state."""
+    real_batches = pipeline.train_batches
+
+    def dying_batches(*args, **kwargs):
+        if check_call:
+            check_call(kwargs)
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if check_batch:
+                check_batch(batch)
+            if i == die_at:
+                raise KeyboardInterrupt("simulated preemption")
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    left = checkpointing.Checkpoints(workdir).steps()
+    return left, train.train_and_evaluate(config, workdir)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """One uninterrupted 6-step run (3 contrastive + 3 joint), shared by the tests below."""
@@ -120,21 +143,8 @@ def test_resume_equals_uninterrupted_and_writes_summaries(full_run, tmp_path, mo
     assert int(full.step) == 6
 
     # Preemption: the process dies after step 5 (last checkpoint at step 4), then restarts.
-    real_batches = pipeline.train_batches
-
-    def dying_batches(*args, **kwargs):
-        for i, batch in enumerate(real_batches(*args, **kwargs)):
-            if i == 5:
-                raise KeyboardInterrupt("simulated preemption")
-            yield batch
-
-    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
-    workdir = str(tmp_path / "resumed")
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, workdir)
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
-    assert checkpointing.Checkpoints(workdir).steps() == [2, 4]
-    resumed = train.train_and_evaluate(config, workdir)
+    left, resumed = interrupt_then_resume(config, str(tmp_path / "resumed"), monkeypatch, die_at=5)
+    assert left == [2, 4]
     assert int(resumed.step) == 6
     leaves_close(full.params, resumed.params, rtol=0, atol=0)
     leaves_close(full.batch_stats, resumed.batch_stats, rtol=0, atol=0)
@@ -373,21 +383,13 @@ def test_resume_on_a_streaming_folder_source_equals_uninterrupted(tmp_path, monk
     config.log_every_steps = 1
     config.eval_batch_size = 8
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    real_batches = pipeline.train_batches
 
-    def dying_batches(*args, **kwargs):
-        assert kwargs["host_crop"] is not None and kwargs["image_size"] == 64  # the host-crop path
-        for i, batch in enumerate(real_batches(*args, **kwargs)):
-            if i == 4:
-                raise KeyboardInterrupt("simulated preemption")
-            yield batch
+    def host_crop_path(kwargs):
+        assert kwargs["host_crop"] is not None and kwargs["image_size"] == 64
 
-    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
-    assert checkpointing.Checkpoints(str(tmp_path / "resumed")).steps() == [3]
-    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    left, resumed = interrupt_then_resume(config, str(tmp_path / "resumed"), monkeypatch, die_at=4,
+                                          check_call=host_crop_path)
+    assert left == [3]
     leaves_close(full.params, resumed.params, rtol=0, atol=0)
     leaves_close(full.batch_stats, resumed.batch_stats, rtol=0, atol=0)
 
@@ -423,21 +425,15 @@ def test_training_with_unlabelled_images_resumes_exactly(tmp_path, monkeypatch):
     config.data.unlabelled_fraction = 0.25
     config.checkpoint_every_steps = 3
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    real_batches = pipeline.train_batches
 
-    def dying_batches(*args, **kwargs):
+    def four_of_sixteen_rows_unlabelled(batch):
+        assert np.all(batch["label"][12:] == -1) and np.all(batch["label"][:12] >= 0)
+
+    def unlabelled_fraction(kwargs):
         assert kwargs["unlabelled"].fraction == 0.25
-        for i, batch in enumerate(real_batches(*args, **kwargs)):
-            assert np.all(batch["label"][12:] == -1) and np.all(batch["label"][:12] >= 0)  # 4 of 16 rows
-            if i == 4:
-                raise KeyboardInterrupt("simulated preemption")
-            yield batch
 
-    monkeypatch.setattr(pipeline, "train_batches", dying_batches)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
-    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    _, resumed = interrupt_then_resume(config, str(tmp_path / "resumed"), monkeypatch, die_at=4,
+                                       check_batch=four_of_sixteen_rows_unlabelled, check_call=unlabelled_fraction)
     leaves_close(full.params, resumed.params, rtol=0, atol=0)
     without = tiny_config(tmp_path)  # the unlabelled images change the training
     other = train.train_and_evaluate(without, str(tmp_path / "without"))
