@@ -67,7 +67,8 @@ def compiler_options(workload: str | None = None) -> dict[str, str]:
 
     CPU backends only. The training loop measures the candidates on its own step the first time a
     CPU model (and jax version) meets a workload (`choose`), and caches the winner; a step of a
-    workload with a cached choice gets it, any other step CPU_COMPILER_OPTIONS.
+    workload with a cached choice gets it, any other step (and every step of a multi-process run)
+    CPU_COMPILER_OPTIONS.
     `CONTRASTOOD_XLA_CPU_OPTIONS=NAME` picks a candidate by name and measures nothing;
     `CONTRASTOOD_XLA_CPU_TUNING=0` gives XLA's defaults. An option this XLA does not know (another
     jaxlib) drops that candidate, with a warning, rather than failing.
@@ -79,7 +80,10 @@ def compiler_options(workload: str | None = None) -> dict[str, str]:
         if forced not in CPU_CANDIDATES:
             raise ValueError(f"{OPTIONS_ENV}={forced!r}; use one of {sorted(CPU_CANDIDATES)}")
         return dict(CPU_CANDIDATES[forced]) if _supported(forced) else {}
-    cached = _read_table(_cache_file()).get(_key(workload)) if workload else None
+    # Several processes must compile the same program (their replicated states would drift apart under
+    # different options, and a host measuring alone would wait forever in the step's collectives), and
+    # each host has its own cache: they all take the fixed default.
+    cached = _read_table(_cache_file()).get(_key(workload)) if workload and jax.process_count() == 1 else None
     if cached and cached.get("choice") in CPU_CANDIDATES:
         return dict(CPU_CANDIDATES[cached["choice"]])
     return dict(CPU_COMPILER_OPTIONS) if _supported("ynn_reduce_eltwise") else {}
@@ -93,8 +97,8 @@ def workload(config, num_devices: int) -> str:
 
 
 def tuning_active() -> bool:
-    """Whether `choose` would measure (a CPU backend, tuning on, no option set forced by name)."""
-    return (jax.default_backend() == "cpu" and os.environ.get(DISABLE_ENV, "1") != "0"
+    """Whether `choose` would measure (a CPU backend, one process, tuning on, no option set forced by name)."""
+    return (jax.default_backend() == "cpu" and jax.process_count() == 1 and os.environ.get(DISABLE_ENV, "1") != "0"
             and not os.environ.get(OPTIONS_ENV))
 
 

@@ -113,3 +113,19 @@ print(json.dumps({{"measured": len(calls), "options": options}}))
         "return 2.0 if options == {} else 1.0", "return 1.0 if options == {} else 0.97")
     out = subprocess.run([sys.executable, "-c", code_close], capture_output=True, text=True, env=env, timeout=300)
     assert __import__("json").loads(out.stdout.strip().splitlines()[-1])["options"] == {}
+
+
+def test_a_multi_process_run_takes_the_fixed_default_and_measures_nothing(tmp_path, monkeypatch):
+    """Processes must compile one program: a host's cached choice is ignored and nothing is measured (a
+    host measuring alone would block in the step's collectives)."""
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(perf.OPTIONS_ENV, raising=False)
+    monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
+    assert perf.choose("mp-workload", lambda options: 2.0 if options == perf.CPU_CANDIDATES["ynn_off"] else 1.0) == {}
+    assert perf.compiler_options("mp-workload") == {}  # one process: the cached choice, XLA's defaults
+    assert perf.CPU_COMPILER_OPTIONS != {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert not perf.tuning_active()
+    assert perf.choose("other-workload", lambda options: pytest.fail("measured in a multi-process run")) \
+        == perf.CPU_COMPILER_OPTIONS
+    assert perf.compiler_options("mp-workload") == perf.CPU_COMPILER_OPTIONS
