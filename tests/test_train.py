@@ -1,5 +1,6 @@
 """The trainer: multi-device equivalence, resume-equals-uninterrupted, checkpoints, summaries, errors."""
 import glob
+import json
 import os
 import shutil
 
@@ -438,3 +439,28 @@ def test_training_with_unlabelled_images_resumes_exactly(tmp_path, monkeypatch):
     without = tiny_config(tmp_path)  # the unlabelled images change the training
     other = train.train_and_evaluate(without, str(tmp_path / "without"))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(other.params)))
+
+
+@pytest.mark.slow
+def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_path, monkeypatch):
+    """The training loop times every candidate on its own step (8 devices, a copy of the state) before the
+    first step, caches the winner for this CPU and workload, and the next run reads it without measuring."""
+    from contrastood import perf
+
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(perf.OPTIONS_ENV, raising=False)
+    monkeypatch.setattr(perf, "TUNE_MIN_STEPS", 6)  # the tiny run counts as long
+    config = tiny_config(tmp_path)
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 6 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    table = json.loads((tmp_path / "cache" / "xla_cpu_options.json").read_text())
+    (entry,) = table.values()
+    assert entry["workload"] == perf.workload(config, jax.device_count())
+    assert set(entry["seconds_per_step"]) == set(perf.CPU_CANDIDATES)
+    assert all(s > 0 for s in entry["seconds_per_step"].values())
+
+    real_choose = perf.choose
+    monkeypatch.setattr(perf, "choose", lambda workload, seconds_per_step: real_choose(
+        workload, lambda options: pytest.fail("measured again")))
+    again = train.train_and_evaluate(config, str(tmp_path / "again"))
+    assert int(again.step) == 6
