@@ -63,6 +63,13 @@ _set_overrides: list[tuple[str, str]] = []
 
 
 def _fail(message: str) -> None:
+    """The one-line error, printed last: a failed asynchronous write (orbax on a full disk) leaves asyncio
+    tasks whose exceptions asyncio logs when they are collected, which would otherwise come after it."""
+    import gc
+    import logging as std_logging
+
+    gc.collect()  # log them now, above the line
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # and none at interpreter exit
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
