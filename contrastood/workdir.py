@@ -160,7 +160,9 @@ class _Lock:
 
     def _write(self) -> None:
         self.holder["heartbeat"] = time.time()
-        self.path.write_text(json.dumps(self.holder))
+        # Atomic: a claimant listing the folder mid-write would take a truncated file for a crashed
+        # holder's (stale) and delete a live lock.
+        atomic_write_text(self.path, json.dumps(self.holder))
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
