@@ -479,22 +479,30 @@ def changes_against_workdir(config: ml_collections.ConfigDict, workdir) -> dict[
     return {k: v for k, v in changes.items() if not k.startswith(RUN_CONTROL_KEYS)}
 
 
-def write_config(config: ml_collections.ConfigDict, workdir, *, resuming: bool) -> None:
-    """Writes config.json (process 0, atomically). Resuming with a config that changes what is trained
-    is an error unless --config.allow_config_change=True."""
+def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
+    """Resuming with a config that changes what is trained is an error unless
+    --config.allow_config_change=True (then a warning). Checked before anything is restored or written."""
     import jax
 
-    from contrastood import workdir as workdir_lib
-
-    if jax.process_index() > 0:  # process 0 alone reads and writes it: others could read it half-written
+    if jax.process_index() > 0:  # process 0 alone reads config.json: others could read it half-written
         return
     changes = changes_against_workdir(config, workdir)
-    if changes and resuming:
+    if changes:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:10])
         if not config.allow_config_change:
             raise errors.ConfigError(
                 f"the workdir {workdir} holds a run started with another config ({listed}); use another --workdir, "
                 "or resume it anyway with --config.allow_config_change=True")
         logging.warning("resuming %s with a changed config (allowed by allow_config_change): %s", workdir, listed)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir) -> None:
+    """Writes config.json (process 0, atomically), once the checkpoints it describes are known to fit it."""
+    import jax
+
+    from contrastood import workdir as workdir_lib
+
+    if jax.process_index() > 0:
+        return
     workdir_lib.atomic_write_text(workdir_lib.as_path(workdir) / "config.json",
                                   json.dumps(to_dict(config), indent=2, sort_keys=True))

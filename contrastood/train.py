@@ -287,8 +287,11 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
     tx = create_optimizer(config, schedule)
     checkpoints = checkpointing.Checkpoints(path, keep=config.keep_checkpoints, create=True, config=config)
     existing = checkpoints.steps()
-    config_lib.write_config(config, path, resuming=bool(existing))
+    if existing:
+        config_lib.check_resumed_config(config, path)
     state = checkpoints.restore_latest(abstract_train_state(model, tx, config, mesh), move_unreadable=True)
+    # Only now: a refused restore (another model) must leave config.json describing the checkpoints.
+    config_lib.write_config(config, path)
     if state is None:  # initialise only when there is nothing to resume (init compiles a whole forward pass)
         if existing:
             logging.warning("none of the checkpoints %s in %s could be read (each was moved to %s): training "

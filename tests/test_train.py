@@ -224,8 +224,12 @@ def test_another_model_in_the_workdir_is_a_mismatch_not_corruption(full_run, tmp
     wider.model.width = 2
     with pytest.raises(errors.ConfigError, match=r"model.width: 1 -> 2.*allow_config_change"):
         train.train_and_evaluate(wider, workdir)
-    os.remove(os.path.join(workdir, "config.json"))  # without config.json the shapes still tell
     wider.allow_config_change = True
+    with pytest.raises(errors.CheckpointMismatchError, match=r"holds another model.*model.width: 1 -> 2"):
+        train.train_and_evaluate(wider, workdir)
+    # The refused resume left config.json describing the checkpoints (it used to be overwritten first).
+    assert json.loads(open(os.path.join(workdir, "config.json")).read())["model"]["width"] == 1
+    os.remove(os.path.join(workdir, "config.json"))  # without config.json the shapes still tell
     with pytest.raises(errors.CheckpointMismatchError, match="holds another model.*shape"):
         train.train_and_evaluate(wider, workdir)
     assert checkpointing.Checkpoints(workdir).steps() == [2, 4, 6]
