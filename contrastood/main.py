@@ -105,6 +105,16 @@ def split_set_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str
     return rest, sets
 
 
+def _innermost_contrastood_error(error: BaseException) -> errors.ContrastoodError | None:
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, errors.ContrastoodError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing with one-line errors (bad flags, unknown config keys, config file errors)."""
     argv, sets = split_set_overrides(resolve_config_path(list(argv)))
@@ -113,7 +123,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        _fail(str(error).splitlines()[0])
+        cause = _innermost_contrastood_error(error)  # raised in get_config; config_flags wraps it twice
+        _fail(str(cause) if cause else str(error).splitlines()[0])
     except errors.ContrastoodError as error:
         _fail(str(error))
     except (AttributeError, KeyError) as error:  # config_flags: an override of a key that does not exist

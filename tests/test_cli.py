@@ -46,6 +46,12 @@ def test_mistakes_are_one_line_naming_the_fix(tmp_path, args, fragments):
     assert_one_line_error(main(SMOKE, f"--workdir={tmp_path / 'w'}", *args), *fragments)
 
 
+def test_an_error_raised_by_the_config_file_keeps_its_message(tmp_path):
+    """config_flags wraps get_config's exception twice; the user sees get_config's own message."""
+    out = main("--config=configs/digits.py:bogus", f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(out, "unknown config variant argument 'bogus'", "valid: smoke")
+
+
 def test_config_path_resolves_from_any_directory(tmp_path):
     """configs/NAME.py is found in the installed package when it is not relative to the cwd."""
     out = main(SMOKE, f"--workdir={tmp_path / 'w'}", "--config.train.temperature=0", cwd=tmp_path)
