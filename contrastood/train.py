@@ -357,9 +357,8 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
             stop = watcher.requested(step)
             if step % config.checkpoint_every_steps == 0 or is_last or stop:
-                if pending_metrics:  # never checkpoint a state whose steps were not checked
-                    _summarise(pending_metrics, step, config)
-                    pending_metrics = []
+                if pending_metrics:  # never checkpoint a state whose steps were not checked (the
+                    _summarise(pending_metrics, step, config)  # next log still averages all its steps)
                 checkpoints.save(state, force=stop)
             if stop:
                 checkpoints.wait()

@@ -468,3 +468,19 @@ def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_p
         workload, lambda options: pytest.fail("measured again")))
     again = train.train_and_evaluate(config, str(tmp_path / "again"))
     assert int(again.step) == 6
+
+
+@pytest.mark.slow
+def test_a_logged_loss_averages_every_step_since_the_last_log(tmp_path):
+    """Was: the NaN check before a checkpoint dropped the steps it checked from the next logged average."""
+    every_step = tiny_config(tmp_path)
+    every_step.log_every_steps = 1
+    train.train_and_evaluate(every_step, str(tmp_path / "every"))
+    per_step = dict(read_scalars(str(tmp_path / "every"))["train/contrastive_loss"])
+    sparse = tiny_config(tmp_path)
+    sparse.log_every_steps, sparse.checkpoint_every_steps = 3, 2  # a checkpoint at step 2, inside the window
+    train.train_and_evaluate(sparse, str(tmp_path / "sparse"))
+    logged = dict(read_scalars(str(tmp_path / "sparse"))["train/contrastive_loss"])
+    assert sorted(logged) == [3, 6]
+    np.testing.assert_allclose(logged[3], np.mean([per_step[s] for s in (1, 2, 3)]), rtol=1e-6)
+    np.testing.assert_allclose(logged[6], np.mean([per_step[s] for s in (4, 5, 6)]), rtol=1e-6)
