@@ -150,6 +150,21 @@ def test_a_failing_scorer_is_reported_and_the_others_run(demo_run, tmp_path):
     assert "could not run" in (run / "ood_report.md").read_text()
 
 
+def test_a_scorer_without_class_predictions_still_gets_its_failure_grids(demo_run, tmp_path):
+    """Was: without `gaussian` the grid fell back to class -1, which the plot rejects."""
+    config, workdir, state, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    only_knn = config.copy_and_resolve_references()
+    only_knn.ood.scorers = ("knn",)
+    only_knn.compare.baseline = False
+    shutil.rmtree(run / "plots")
+    summary = evaluate.evaluate(only_knn, str(run), state=state)
+    assert summary["failed_scorers"] == {}
+    for name in config.ood.sets:
+        assert (run / "plots" / f"failures_{name}.png").stat().st_size > 1000
+
+
 def test_evaluate_refuses_a_read_only_workdir_before_extracting(demo_run, tmp_path, monkeypatch):
     config, workdir, _, _ = demo_run
     run = tmp_path / "run"

@@ -47,6 +47,8 @@ def test_failure_grid(tmp_path):
     # Greyscale inputs and fewer images than max_images work too.
     _check_png(path, plots.failure_grid(images[:2, ..., 0], ranks[:2], classes[:2],
                                         ["cat", "dog", "ship"], path, title="t"))
+    # A scorer that predicts no class (knn): ranks only.
+    _check_png(path, plots.failure_grid(images, ranks, None, ["cat", "dog", "ship"], path, title="t"))
 
 
 def test_auroc_vs_clp(tmp_path):

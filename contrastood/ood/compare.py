@@ -202,7 +202,7 @@ def _failure_grids(baseline: Evaluated, ours: Evaluated, sets: list[str], out) -
             class_names = names or [str(i) for i in range(int(config.data.num_classes))]
             safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in set_name)
             images[f"compare/fig5_failures_{safe}_{label}"] = plots.failure_grid(
-                shown, ranks[worst], classes[worst] if classes is not None else np.zeros(len(worst), int), class_names,
+                shown, ranks[worst], None if classes is None else classes[worst], class_names,
                 out / f"fig5_failures_{safe}_{label}.png",
                 title=f"{label}: {set_name} images ranked most in-distribution (rank %, [most activated Gaussian])",
                 max_images=int(config.ood.failure_grid_images))

@@ -123,8 +123,8 @@ def failure_grid(images_uint8, ranks, classes, class_names: Sequence[str], path,
 
     `ranks` is each image's score as a percentile (0-100) of the in-distribution test scores
     (100 = scored above every in-dist image); `classes` is the index of its most activated class
-    Gaussian. The `max_images` highest-ranked images are shown, highest first, each captioned with
-    its rank and that class's name.
+    Gaussian, or None for a scorer that predicts no class. The `max_images` highest-ranked images are
+    shown, highest first, each captioned with its rank and that class's name.
     """
     images = np.asarray(images_uint8)
     if images.dtype != np.uint8:
@@ -136,14 +136,15 @@ def failure_grid(images_uint8, ranks, classes, class_names: Sequence[str], path,
     if images.shape[0] == 0:
         raise ValueError("images_uint8 is empty; there are no failure cases to show.")
     ranks = np.asarray(ranks, dtype=np.float64)
-    classes = np.asarray(classes)
-    if ranks.shape != (images.shape[0],) or classes.shape != (images.shape[0],):
+    classes = None if classes is None else np.asarray(classes)
+    if ranks.shape != (images.shape[0],) or (classes is not None and classes.shape != (images.shape[0],)):
         raise ValueError(
             f"ranks {ranks.shape} and classes {classes.shape} need one entry per image "
             f"({images.shape[0]}).")
     if not np.all((ranks >= 0) & (ranks <= 100)):
         raise ValueError("ranks must be percentiles in [0, 100].")
-    if not np.issubdtype(classes.dtype, np.integer) or classes.min() < 0 or classes.max() >= len(class_names):
+    if classes is not None and (not np.issubdtype(classes.dtype, np.integer) or classes.min() < 0
+                                or classes.max() >= len(class_names)):
         raise ValueError(f"classes must be integer indices into class_names (len {len(class_names)}).")
     if not isinstance(max_images, (int, np.integer)) or max_images < 1:
         raise ValueError(f"max_images must be a positive integer, got {max_images!r}.")
@@ -158,7 +159,8 @@ def failure_grid(images_uint8, ranks, classes, class_names: Sequence[str], path,
         image = images[index]
         axes.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                     interpolation="nearest")
-        axes.set_title(f"{ranks[index]:.1f}%\n[{class_names[classes[index]]}]", fontsize=8)
+        caption = f"{ranks[index]:.1f}%" + ("" if classes is None else f"\n[{class_names[classes[index]]}]")
+        axes.set_title(caption, fontsize=8)
         axes.set_axis_off()
     return _finish(figure, path)
 

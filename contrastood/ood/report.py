@@ -111,15 +111,17 @@ def _plots(workdir, config, in_scores, ood_scores, ood_data, class_names) -> dic
     grid_scorer = "gaussian" if "gaussian" in in_scores else next(iter(in_scores))
     names = list(class_names) if class_names else [str(i) for i in range(config.data.num_classes)]
     for name, s in ood_scores.items():
+        if grid_scorer not in s:  # the scorer failed on this set (its reason is in the report)
+            continue
         scored = s[grid_scorer]
         ranks = metrics.ood_rank(in_scores[grid_scorer]["scores"], scored["scores"])
-        classes = scored["classes"] if scored["classes"] is not None else np.full(len(ranks), -1)
+        classes = scored["classes"]
         safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
         # Only the shown images are read (the OOD set may be files on disk).
         worst = np.argsort(-ranks, kind="stable")[:config.ood.failure_grid_images]
         shown = ood_data[name].fetch(worst, config.data.image_size, pipeline_pool())
         images[f"ood/failures/{safe}"] = plots.failure_grid(
-            shown, ranks[worst], classes[worst], names, plot_dir / f"failures_{safe}.png",
+            shown, ranks[worst], None if classes is None else classes[worst], names, plot_dir / f"failures_{safe}.png",
             title=f"{name}: most in-distribution-looking OOD images ({grid_scorer} score)",
             max_images=config.ood.failure_grid_images)
     return images
