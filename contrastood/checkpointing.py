@@ -240,14 +240,23 @@ class Checkpoints:
             kept = [s for s in self.steps() if step is None or s < step]
             with contextlib.suppress(Exception):  # let orbax's writer threads end before the process exits
                 self.manager.close()
+            self.manager = None  # closed: close() has nothing left to do
             raise errors.WorkdirError(
                 f"No space left on device while saving a checkpoint in {self.directory}: free space on that disk "
                 f"(or point --workdir elsewhere) and run the same command again; the finished checkpoints "
                 f"{kept} are kept") from None
 
     def close(self) -> None:
+        """Ends orbax's checkpointer threads and metadata stores (pending saves finish first)."""
         if self.manager is not None:
             self.manager.close()
+            self.manager = None
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def abstract_model_state(model, image_size: int, mesh) -> ModelState:
@@ -281,13 +290,13 @@ def restore_model(workdir: str | os.PathLike, config, mesh, *, model=None):
         raise errors.CheckpointError(f"the workdir {path} does not exist; check --workdir, or train first "
                                      "(--mode=train)")
     model = model if model is not None else models.from_config(config)
-    checkpoints = Checkpoints(path, keep=config.keep_checkpoints, create=False, config=config)
-    steps = checkpoints.steps()
-    if not steps:
-        raise errors.CheckpointError(f"no checkpoint in {path / 'checkpoints'}; train first (--mode=train) or point "
-                                     "--workdir at a trained run")
-    abstract = abstract_model_state(model, config.data.image_size, mesh)
-    state = checkpoints.restore_latest(abstract, move_unreadable=False)
+    with Checkpoints(path, keep=config.keep_checkpoints, create=False, config=config) as checkpoints:
+        steps = checkpoints.steps()
+        if not steps:
+            raise errors.CheckpointError(f"no checkpoint in {path / 'checkpoints'}; train first (--mode=train) or "
+                                         "point --workdir at a trained run")
+        abstract = abstract_model_state(model, config.data.image_size, mesh)
+        state = checkpoints.restore_latest(abstract, move_unreadable=False)
     if state is None:
         raise errors.CheckpointError(f"every checkpoint in {path / 'checkpoints'} (steps {steps}) is unreadable; "
                                      "retrain, or restore a backup of that directory")

@@ -168,7 +168,9 @@ def _join_detector(config, workdir, state, union_test, probs, in_classes, class_
     train_source = evaluate.load_source(config.data.train, config)
     model = models.from_config(config, train_source=train_source)
     if state is None:
-        if not checkpointing.Checkpoints(workdir, create=False).steps():
+        with checkpointing.Checkpoints(workdir, create=False) as checkpoints:
+            trained = bool(checkpoints.steps())
+        if not trained:
             logging.info("no detector checkpoint in %s: CLP without the AUROC-vs-CLP analysis", workdir)
             return None
         model, state = checkpointing.restore_model(workdir, config, mesh, model=model)

@@ -372,8 +372,11 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
     finally:
         watcher.close()
         batches.close()
-        checkpoints.wait()
-        writer.flush()
+        try:
+            checkpoints.wait()
+        finally:
+            checkpoints.close()
+            writer.flush()
     return state
 
 
