@@ -128,7 +128,7 @@ class _Lock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path.parent)  # a read-only or full workdir is the user's error, named as such
         self._write()
         for other in sorted(self.path.parent.glob("*.json")):
             if other.name == self.path.name:

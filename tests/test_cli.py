@@ -70,9 +70,9 @@ def test_evaluate_never_creates_a_mistyped_workdir(tmp_path):
 def test_tfds_spec_that_is_not_prepared_fails_in_seconds(tmp_path):
     started = time.time()
     out = main(SMOKE, f"--workdir={tmp_path / 'w'}", "--config.data.test=tfds:cifar10:test",
-               f"--config.data.data_dir={tmp_path / 'tfds'}", "--mode=evaluate")
-    line = assert_one_line_error(out)
-    assert "does not exist" in line or "not prepared" in line  # the workdir check may come first
+               f"--config.data.data_dir={tmp_path / 'tfds'}")
+    line = assert_one_line_error(out, "not prepared")  # the test set is loaded before anything trains
+    assert "does not exist" in line or "not prepared" in line
     out = main(SMOKE, f"--workdir={tmp_path / 'w'}", "--config.data.train=tfds:cifar10:train",
                f"--config.data.data_dir={tmp_path / 'tfds'}")
     assert_one_line_error(out, "not prepared", "prepare_tfds.py", "data.data_dir")
