@@ -7,8 +7,8 @@ Here (no accelerator needed):
   python benchmarks/device_study.py run --smoke --pack=.device_pack --out=/tmp/study  # what the tests run
 
 On the device machine (one call; carry .device_pack and .whl; the README has the exact command):
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-  python3 benchmarks/device_study.py run --pack=.device_pack --out=$OUT --budget_s=330
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+  python3 benchmarks/device_study.py run --pack=.device_pack --out=$OUT --budget_s=300
 
 `pack` writes CIFAR-10 classes 0-5 for training (JPEG q90 4:4:4, as many as fit in --max_mib, class
 balanced), and losslessly (PNG): the whole CIFAR-10 test set (classes 0-5 in-distribution, 6-9 near

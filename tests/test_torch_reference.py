@@ -185,7 +185,10 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     rows = result["rows"]
     ours = [r for r in rows if r["framework"] == "contrastood"]
     theirs = [r for r in rows if r["framework"] != "contrastood"]
+    from contrastood import perf
+
     assert {r["mode"].split("XLA ")[1] for r in ours} >= {"xla_defaults"}
+    assert {r["mode"].split("XLA ")[1] for r in ours} == {n for n in perf.CPU_CANDIDATES if perf._supported(n)}
     assert {r["mode"] for r in theirs} >= {"fp32", "fp32_cl"}
     assert all(r["passes_s"] > 0 for r in rows)
     summary = result["summary"]["resnet_tiny"]
