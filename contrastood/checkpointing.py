@@ -48,9 +48,6 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
 
-    def model_state(self) -> ModelState:
-        return ModelState(step=self.step, params=self.params, batch_stats=self.batch_stats)
-
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}

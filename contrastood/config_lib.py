@@ -17,7 +17,6 @@ import ml_collections
 from contrastood import errors
 
 FROM_EPOCHS = -1  # the sentinel of the *_steps keys: "use the epoch count instead"
-STEM_MIN_IMAGENET = 64  # model.stem="auto": images this large get the ImageNet stem
 # Keys that may change when a workdir is resumed or re-evaluated: they decide what is reported and
 # how often, not what is trained.
 RUN_CONTROL_KEYS = ("ood.", "clp.", "compare.", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",

@@ -139,12 +139,15 @@ ARCHITECTURES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+STEM_MIN_IMAGENET = 64  # model.stem="auto": images this large get the ImageNet stem
+
+
 def resolve_stem(stem: str, image_size: int) -> str:
-    """'auto' -> 'imagenet' for images of 64 px and more (config_lib.STEM_MIN_IMAGENET), else 'cifar'."""
+    """'auto' -> 'imagenet' for images of STEM_MIN_IMAGENET px and more, else 'cifar'."""
     if stem not in STEMS:
         raise ValueError(f"unknown model.stem {stem!r}; choose one of {STEMS}")
     if stem == "auto":
-        return "imagenet" if image_size >= 64 else "cifar"
+        return "imagenet" if image_size >= STEM_MIN_IMAGENET else "cifar"
     return stem
 
 

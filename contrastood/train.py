@@ -22,7 +22,6 @@ from contrastood import (augment, checkpointing, config_lib, errors, losses, mod
                          summaries, workdir as workdir_lib)
 from contrastood.checkpointing import TrainState
 from contrastood.data import pipeline, sources
-from contrastood.errors import NonFiniteLossError  # noqa: F401  (re-exported for callers)
 
 OPTIMIZERS = ("lars", "sgd")
 SCHEDULES = ("per_stage", "continuous")

@@ -65,7 +65,7 @@ class FeatureExtractor:
         self.mesh = mesh
         self.workdir = workdir_lib.as_path(workdir) if workdir is not None else None
         self.step = int(state.step)
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = state.variables
         self.model_digest = model_digest(variables)
         self.variables = parallel.replicate(variables, mesh)
         names = scorers_lib.resolve(config.ood.scorers if scorer_names is None else scorer_names)
