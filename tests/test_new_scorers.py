@@ -425,3 +425,44 @@ def test_pytorch_ood_vim(pood, problem):
         theirs = detector.predict_features(torch.from_numpy(p["test_z"])).numpy().astype(np.float64)
         ours = _run("vim", p, vim_dim=vim_dim)[0]
         np.testing.assert_allclose(ours, -theirs, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+
+def test_the_gaussian_family_computes_each_sets_distances_once(problem, monkeypatch):
+    """gaussian + gaussian_no_logdet share the per-class distances of a set, mahalanobis + rmds the tied ones
+    (plus rmds' background): 3 distance computations per set instead of 5, and the same scores."""
+    from contrastood.ood import evaluate
+    from contrastood.ood.scorers import gaussian
+
+    names = ("gaussian", "gaussian_no_logdet", "mahalanobis", "rmds")
+    train = dict(pre_logits=problem["train_z"], logits=problem["train_logits"], labels=problem["train_y"])
+    ctx = _ctx(problem)
+    fitted, failures = evaluate.fit_scorers(names, train, ctx)
+    assert failures == {}
+    calls = []
+    real = gaussian.squared_mahalanobis
+
+    def counted(params, features, **kwargs):
+        calls.append(params.num_classes)
+        return real(params, features, **kwargs)
+
+    monkeypatch.setattr(gaussian, "squared_mahalanobis", counted)
+    monkeypatch.setattr(rmds, "squared_mahalanobis", counted)
+    sets = {"a": problem["test_z"], "b": problem["test_z"][::-1].copy()}
+    for z in sets.values():
+        calls.clear()
+        scored = evaluate.compute_scores(fitted, dict(pre_logits=z, logits=z @ problem["kernel"]), ctx, failures, "t")
+        assert len(calls) == 3 and sorted(calls) == [1, NUM_CLASSES, NUM_CLASSES]
+        monkeypatch.setattr(gaussian, "squared_mahalanobis", real)
+        monkeypatch.setattr(rmds, "squared_mahalanobis", real)
+        direct = {
+            "gaussian": gaussian.gaussian_score(fitted["gaussian"], z, use_logdet=True),
+            "gaussian_no_logdet": gaussian.gaussian_score(fitted["gaussian_no_logdet"], z, use_logdet=False),
+            "mahalanobis": gaussian.mahalanobis_score(fitted["mahalanobis"], z),
+            "rmds": rmds.relative_mahalanobis_score(*fitted["rmds"], z),
+        }
+        monkeypatch.setattr(gaussian, "squared_mahalanobis", counted)
+        monkeypatch.setattr(rmds, "squared_mahalanobis", counted)
+        for name, (scores, classes) in direct.items():
+            np.testing.assert_array_equal(scored[name]["scores"], scores, err_msg=name)
+            np.testing.assert_array_equal(scored[name]["classes"], classes, err_msg=name)
+    assert ctx.per_set == {}  # nothing of one set leaks into the next

@@ -53,6 +53,7 @@ def compute_scores(fitted: dict, feats: dict, ctx: scorers.FitContext, failures:
                    where: str) -> dict[str, dict]:
     """{scorer: {"scores": [N], "classes": [N] or None}} for one evaluated set (higher = more in-dist)."""
     out = {}
+    ctx.per_set = {}  # what scorers share within this set only (FitContext.for_this_set)
     for name, fit in fitted.items():
         if name in failures:
             continue
@@ -64,6 +65,7 @@ def compute_scores(fitted: dict, feats: dict, ctx: scorers.FitContext, failures:
             logging.warning("scorer %s failed on %s (%s)", name, where, failures[name])
             continue
         out[name] = {"scores": np.asarray(score, np.float64), "classes": None if classes is None else np.asarray(classes)}
+    ctx.per_set = {}
     return out
 
 

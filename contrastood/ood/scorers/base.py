@@ -37,11 +37,19 @@ class FitContext:
     head_kernel: np.ndarray | None = None
     head_bias: np.ndarray | None = None
     cache: dict = dataclasses.field(default_factory=dict)
+    per_set: dict = dataclasses.field(default_factory=dict)  # emptied for every scored set (evaluate)
 
     def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Computed once per evaluation (fits)."""
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+    def for_this_set(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Computed once per scored set (e.g. the Mahalanobis distances two scorers read)."""
+        if key not in self.per_set:
+            self.per_set[key] = compute()
+        return self.per_set[key]
 
 
 class Scorer:

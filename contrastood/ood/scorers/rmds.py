@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from contrastood.ood.scorers.base import FitContext, Scorer, as_matrix, register
-from contrastood.ood.scorers.gaussian import GaussianParams, class_gaussians, fit_gaussians, squared_mahalanobis
+from contrastood.ood.scorers.gaussian import (GaussianParams, class_distances, class_gaussians, fit_gaussians,
+                                              squared_mahalanobis)
 
 
 def fit_background_gaussian(features, *, shrinkage: str = "ledoit_wolf", ridge: float = 1e-6) -> GaussianParams:
@@ -37,8 +38,9 @@ def background_gaussian(train, ctx: FitContext) -> GaussianParams:
 
 
 def relative_mahalanobis_score(params_tied: GaussianParams, background: GaussianParams, features, *,
-                               chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(-min_c (MD_c - MD_0) [M] float64, argmin_c MD_c [M])."""
+                               chunk_size: int = 1024, class_distances: np.ndarray | None = None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """(-min_c (MD_c - MD_0) [M] float64, argmin_c MD_c [M]). `class_distances`: MD_c if already computed."""
     if not params_tied.tied:
         raise ValueError("relative Mahalanobis needs tied class Gaussians: fit them with "
                          "fit_gaussians(..., tied=True).")
@@ -48,7 +50,8 @@ def relative_mahalanobis_score(params_tied: GaussianParams, background: Gaussian
     if background.dim != params_tied.dim:
         raise ValueError(f"the background Gaussian has dim {background.dim} but the class Gaussians {params_tied.dim}; "
                          "fit both on the same feature layer.")
-    class_distances = squared_mahalanobis(params_tied, features, chunk_size=chunk_size)
+    if class_distances is None:
+        class_distances = squared_mahalanobis(params_tied, features, chunk_size=chunk_size)
     background_distances = squared_mahalanobis(background, features, chunk_size=chunk_size)[:, 0]
     classes = np.argmin(class_distances, axis=1)
     nearest = np.take_along_axis(class_distances, classes[:, None], axis=1)[:, 0]
@@ -67,4 +70,5 @@ class RelativeMahalanobis(Scorer):
 
     def score(self, fitted, features, ctx):
         params_tied, background = fitted
-        return relative_mahalanobis_score(params_tied, background, features["pre_logits"])
+        return relative_mahalanobis_score(params_tied, background, features["pre_logits"],
+                                          class_distances=class_distances(params_tied, features, ctx))
