@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastood import host_memory
+
 # Dense peak TFLOP/s per device (one chip; for GPUs the SXM parts), bf16 and fp32 (no TF32/sparsity).
 _PEAK_TFLOPS = {
     "tpu v2": (45.0, 45.0 / 4),
@@ -251,4 +253,7 @@ def mfu(flops_per_step_per_device: float, steps_per_sec: float, peak_per_device:
 def log_peak(dtype: str, override_tflops: float = 0.0) -> tuple[float, str]:
     peak, source = peak_flops_per_device(dtype, override_tflops)
     logging.info("MFU denominator: %.1f TFLOP/s per device (%s)", peak / 1e12, source)
+    if jax.default_backend() == "cpu":
+        logging.info("host malloc: %s (%s)", "reuses freed step buffers" if host_memory.state["applied"]
+                     else "glibc defaults", host_memory.state["reason"])
     return peak, source
