@@ -7,7 +7,9 @@ For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoot
 augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
-in passes/s (views through forward + backward). Prints the CPU model and vector flags, the MFU
+in passes/s (views through forward + backward). One more contrastood row runs the default option set
+in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
+contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
 denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 FLOP/cycle for reference),
 and the ratios against PyTorch's best mode and against its best float32 mode.
 """
@@ -36,6 +38,20 @@ def clock_ghz() -> float | None:
         return None
 
 
+def _without_host_malloc(model: str, batch: int, seconds: float) -> dict:
+    """train_throughput.benchmark in a fresh process whose glibc keeps its defaults (host_memory off)."""
+    code = ("import json, sys; sys.path[:0] = [{root!r}, {bench!r}]; import train_throughput; "
+            "from contrastood import perf; "
+            "r = train_throughput.benchmark({model!r}, {batch}, 3, 'float32', True, eval_batch=256, "
+            "min_seconds={seconds}, options=dict(perf.CPU_COMPILER_OPTIONS)); "
+            "print(json.dumps({{'passes_s': r['passes_s'], 'mfu': r['mfu']}}))").format(
+                root=str(ROOT), bench=str(ROOT / "benchmarks"), model=model, batch=batch, seconds=seconds)
+    env = {**os.environ, "CONTRASTOOD_HOST_MALLOC": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet_tiny,resnet18")
@@ -47,13 +63,13 @@ def main(argv=None):
     import jax
 
     import train_throughput
-    from contrastood import perf
+    from contrastood import host_memory, perf
 
     identity = perf.cpu_identity()
     matmul = perf.measured_matmul_flops("float32")
     ghz = clock_ghz()
     print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}), jax {jax.__version__}, "
-          f"{jax.device_count()} device(s)")
+          f"{jax.device_count()} device(s); host malloc: {host_memory.state['reason']}")
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
           + (f"; cores x {ghz:.2f} GHz x 32 FLOP/cycle = {int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s"
              if ghz else ""), flush=True)
@@ -64,6 +80,13 @@ def main(argv=None):
                                            min_seconds=args.seconds, options=dict(options))
             rows.append({"framework": "contrastood", "model": model, "mode": f"float32, XLA {name}",
                          "passes_s": r["passes_s"], "mfu": r["mfu"]})
+            print(json.dumps(rows[-1]), flush=True)
+        if host_memory.state["applied"]:
+            default_name = next(n for n, o in perf.CPU_CANDIDATES.items() if o == perf.CPU_COMPILER_OPTIONS)
+            r = _without_host_malloc(model, args.batch, args.seconds)
+            rows.append({"framework": "contrastood", "model": model, "mode": f"float32, XLA {default_name}, "
+                         "glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)", "passes_s": r["passes_s"],
+                         "mfu": r["mfu"], "host_malloc": False})
             print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "torch.json"
@@ -81,7 +104,8 @@ def main(argv=None):
              "ratio to best | ratio to best float32 |", "|---|---:|---:|---:|---:|---:|"]
     summary = {}
     for model in args.models.split(","):
-        ours = max((r for r in rows if r["model"] == model and r["framework"] == "contrastood"), key=lambda r: r["passes_s"])
+        ours = max((r for r in rows if r["model"] == model and r["framework"] == "contrastood"
+                    and r.get("host_malloc", True)), key=lambda r: r["passes_s"])
         theirs = [r for r in rows if r["model"] == model and r["framework"] != "contrastood"]
         best = max(theirs, key=lambda r: r["passes_s"])
         best32 = max((r for r in theirs if not r["mode"].startswith("bf16")), key=lambda r: r["passes_s"])

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -183,9 +184,16 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "vs_pytorch.json").read_text())
     rows = result["rows"]
-    ours = [r for r in rows if r["framework"] == "contrastood"]
+    ours = [r for r in rows if r["framework"] == "contrastood" and r.get("host_malloc", True)]
+    glibc_defaults = [r for r in rows if r.get("host_malloc") is False]
     theirs = [r for r in rows if r["framework"] != "contrastood"]
     from contrastood import perf
+
+    # On glibc Linux, one more row: the default option set with host_memory off, not counted as ours.
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert [r["mode"] for r in glibc_defaults] == [
+            "float32, XLA ynn_reduce_eltwise, glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)"]
+        assert glibc_defaults[0]["passes_s"] > 0
 
     assert {r["mode"].split("XLA ")[1] for r in ours} >= {"xla_defaults"}
     assert {r["mode"].split("XLA ")[1] for r in ours} == {n for n in perf.CPU_CANDIDATES if perf._supported(n)}
