@@ -60,9 +60,9 @@ def main(argv=None):
     parser.add_argument("--torch_steps", type=int, default=5)
     parser.add_argument("--out", default="", help="also write vs_pytorch.{json,md} there")
     args = parser.parse_args(argv)
+    import train_throughput  # first: it configures contrastood.host_memory before JAX starts
     import jax
 
-    import train_throughput
     from contrastood import host_memory, perf
 
     identity = perf.cpu_identity()

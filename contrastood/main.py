@@ -191,6 +191,10 @@ def run(config, mode: str, workdir: str, baseline_workdir: str | None = None) ->
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from contrastood import host_memory
+
+    # Before JAX starts its CPU client, whose threads bind to malloc arenas at their first allocation.
+    host_memory.configure(host_decoding=host_memory.decodes_on_host(FLAGS.config))
     import jax
 
     # Before anything touches a device: afterwards jax.devices() spans every process.

@@ -21,7 +21,12 @@ if _CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-import pytest
+# Before any test starts JAX's CPU client (contrastood.host_memory): the suite's data is in memory.
+from contrastood import host_memory  # noqa: E402
+
+host_memory.configure()
+
+import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(
 _STEP = r"""
 import json, os, resource, sys
 {prelude}
-import contrastood
+from contrastood import host_memory
+host_memory.configure()
 import jax, jax.numpy as jnp
-from contrastood import host_memory, models, perf
+from contrastood import models, perf
 
 model = models.ContrastiveResNet(stage_sizes=(1, 1, 1), block_cls=models.BasicBlock, num_classes=10,
                                  base_filters=16)
@@ -72,11 +73,31 @@ def test_it_stands_aside_where_it_cannot_act_or_does_not_pay():
 
 
 def test_an_accelerator_backend_keeps_glibc_defaults():
-    probe = ("import json, contrastood; from contrastood import host_memory; "
-             "print(json.dumps(host_memory.state))")
+    probe = ("import json; from contrastood import host_memory; "
+             "print(json.dumps(host_memory.configure()))")
     for platforms in ("cuda", "tpu", "cuda,cpu"):
         env = {**os.environ, "JAX_PLATFORMS": platforms}
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         state = json.loads(out.stdout.strip().splitlines()[-1])
         assert not state["applied"] and "accelerator" in state["reason"], (platforms, state)
+
+
+def test_runs_that_decode_on_host_threads_keep_glibc_defaults():
+    """One arena slowed a folder run (decode threads share XLA's malloc lock), so main leaves it out there."""
+    from contrastood import host_memory
+    from contrastood.configs import cifar10, digits, folder
+
+    assert host_memory.decodes_on_host(folder.get_config("cpu,path=/data/images"))
+    assert not host_memory.decodes_on_host(digits.get_config(""))
+    config = cifar10.get_config("")
+    assert not host_memory.decodes_on_host(config)
+    config.data.crop = "host"
+    assert host_memory.decodes_on_host(config)
+    config.data.crop = "auto"
+    config.data.unlabelled = "folder:/data/extra:train"
+    assert host_memory.decodes_on_host(config)
+    config.data.unlabelled = "bogus:spec"  # reported by the run itself, later
+    assert not host_memory.decodes_on_host(config)
+    state = _run(prelude="from contrastood import host_memory; host_memory.configure(host_decoding=True)")
+    assert not state["applied"] and "host threads" in state["reason"], state
