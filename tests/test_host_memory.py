@@ -12,10 +12,11 @@ import pytest
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 
-# The tiny ResNet's forward and backward pass under the package's XLA:CPU options: its buffers (about
-# 300 MiB at batch 128) are far above glibc's mmap threshold. Minor page faults count the fresh pages.
+# The tiny ResNet's forward and backward pass under the package's XLA:CPU options: its buffers are far
+# above glibc's mmap threshold (about 51,000 pages, 200 MiB, fault in per step without the settings).
+# Minor page faults count the fresh pages.
 _STEP = r"""
-import json, os, resource, sys
+import json, resource
 {prelude}
 from contrastood import host_memory
 host_memory.configure()
