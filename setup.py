@@ -10,6 +10,8 @@ setup(
     # The experiment configs are the package contrastood.configs (configs/ at the top is a link to it),
     # so `--config=configs/digits.py` works from any directory and configs import each other as modules.
     packages=find_packages(include=["contrastood", "contrastood.*"]),
+    # The oneDNN convolution kernel's source, compiled on first use (contrastood/onednn_conv.py).
+    package_data={"contrastood": ["kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -29,6 +31,9 @@ setup(
         "tensorboard>=2.21.0",  # clu and tfds need it but do not declare it
         "importlib_resources>=6",  # likewise
         "google-cloud-storage>=2.18",  # orbax imports it for every gs:// checkpoint directory
+        # oneDNN for the CPU convolutions (model.conv=auto): the OpenMP build, which needs only libgomp.
+        # Newer "onednn" wheels are SYCL builds that pull in the oneAPI runtimes.
+        "onednn-cpu-gomp>=2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
     extras_require={"test": [
         "pytest>=8",

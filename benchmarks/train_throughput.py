@@ -34,16 +34,17 @@ from contrastood.ood import features  # noqa: E402
 
 def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: bool,
               eval_batch: int = 496, image_size: int = 32, min_seconds: float = 0.0,
-              options: dict | None = None) -> dict:
+              options: dict | None = None, conv: str = "auto") -> dict:
     """One row of the table; steps are timed until both `steps` ran and `min_seconds` passed.
 
-    `options`: the XLA compiler options (default: contrastood.perf.compiler_options())."""
+    `options`: the XLA compiler options (default: contrastood.perf.compiler_options()); `conv`: model.conv."""
     options = perf.compiler_options() if options is None else options
     config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
     config.model.name = model_name
     config.model.dtype = dtype
+    config.model.conv = conv
     config.model.proj_dim = 128
     config.train.batch_size = batch
     config.train.contrastive = contrastive

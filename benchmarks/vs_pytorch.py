@@ -4,11 +4,13 @@ r"""contrastood's train step against PyTorch's best CPU mode, side by side in on
   python benchmarks/vs_pytorch.py --models=resnet_tiny --out=results/cpu_speed
 
 For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
-augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, then
+augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, with
+XLA's convolutions and with oneDNN's (model.conv, where the kernel builds), in float32, and in
+bfloat16 with oneDNN's where the CPU has bf16 hardware; then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
-in passes/s (views through forward + backward). One more contrastood row runs the default option set
-in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
+in passes/s (views through forward + backward). One more contrastood row runs the default kernels and
+option set in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
 contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
 denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 FLOP/cycle for reference),
 and the ratios against PyTorch's best mode and against its best float32 mode.
@@ -38,14 +40,15 @@ def clock_ghz() -> float | None:
         return None
 
 
-def _without_host_malloc(model: str, batch: int, seconds: float) -> dict:
+def _without_host_malloc(model: str, batch: int, seconds: float, conv: str, options: str) -> dict:
     """train_throughput.benchmark in a fresh process whose glibc keeps its defaults (host_memory off)."""
     code = ("import json, sys; sys.path[:0] = [{root!r}, {bench!r}]; import train_throughput; "
             "from contrastood import perf; "
             "r = train_throughput.benchmark({model!r}, {batch}, 3, 'float32', True, eval_batch=256, "
-            "min_seconds={seconds}, options=dict(perf.CPU_COMPILER_OPTIONS)); "
+            "min_seconds={seconds}, options=dict(perf.CPU_CANDIDATES[{options!r}]), conv={conv!r}); "
             "print(json.dumps({{'passes_s': r['passes_s'], 'mfu': r['mfu']}}))").format(
-                root=str(ROOT), bench=str(ROOT / "benchmarks"), model=model, batch=batch, seconds=seconds)
+                root=str(ROOT), bench=str(ROOT / "benchmarks"), model=model, batch=batch, seconds=seconds,
+                options=options, conv=conv)
     env = {**os.environ, "CONTRASTOOD_HOST_MALLOC": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          timeout=3600)
@@ -63,7 +66,7 @@ def main(argv=None):
     import train_throughput  # first: it configures contrastood.host_memory before JAX starts
     import jax
 
-    from contrastood import host_memory, perf
+    from contrastood import host_memory, onednn_conv, perf
 
     identity = perf.cpu_identity()
     matmul = perf.measured_matmul_flops("float32")
@@ -73,18 +76,26 @@ def main(argv=None):
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
           + (f"; cores x {ghz:.2f} GHz x 32 FLOP/cycle = {int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s"
              if ghz else ""), flush=True)
+    convs = ["xla"] + (["onednn"] if onednn_conv.load() is None else [])
+    bf16 = any(flag in identity["isa"].split() for flag in ("avx512_bf16", "amx_bf16"))
+    print(f"convolution kernels: {', '.join(convs)}"
+          + ("" if "onednn" in convs else f" (oneDNN: {onednn_conv.load()})")
+          + f"; bfloat16 rows: {'yes' if bf16 else 'no (no avx512_bf16/amx_bf16)'}", flush=True)
     rows = []
     for model in args.models.split(","):
-        for name, options in perf.CPU_CANDIDATES.items():
-            r = train_throughput.benchmark(model, args.batch, 3, "float32", True, eval_batch=256,
-                                           min_seconds=args.seconds, options=dict(options))
-            rows.append({"framework": "contrastood", "model": model, "mode": f"float32, XLA {name}",
-                         "passes_s": r["passes_s"], "mfu": r["mfu"]})
-            print(json.dumps(rows[-1]), flush=True)
+        for dtype, conv in [("float32", c) for c in convs] + ([("bfloat16", "onednn")] if bf16 and "onednn" in convs
+                                                             else []):
+            for name, options in perf.CPU_CANDIDATES.items():
+                r = train_throughput.benchmark(model, args.batch, 3, dtype, True, eval_batch=256,
+                                               min_seconds=args.seconds, options=dict(options), conv=conv)
+                rows.append({"framework": "contrastood", "model": model, "mode": f"{dtype}, conv {conv}, XLA {name}",
+                             "passes_s": r["passes_s"], "mfu": r["mfu"]})
+                print(json.dumps(rows[-1]), flush=True)
         if host_memory.state["applied"]:
-            default_name = next(n for n, o in perf.CPU_CANDIDATES.items() if o == perf.CPU_COMPILER_OPTIONS)
-            r = _without_host_malloc(model, args.batch, args.seconds)
-            rows.append({"framework": "contrastood", "model": model, "mode": f"float32, XLA {default_name}, "
+            conv = convs[-1]
+            default_name = perf.DEFAULT_CANDIDATE[conv]
+            r = _without_host_malloc(model, args.batch, args.seconds, conv, default_name)
+            rows.append({"framework": "contrastood", "model": model, "mode": f"float32, conv {conv}, XLA {default_name}, "
                          "glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)", "passes_s": r["passes_s"],
                          "mfu": r["mfu"], "host_malloc": False})
             print(json.dumps(rows[-1]), flush=True)

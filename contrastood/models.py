@@ -13,7 +13,10 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from contrastood import onednn_conv
 
 # Per-channel statistics of the CIFAR-10 training set (in [0, 1]): the default input standardisation.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -88,13 +91,16 @@ class ContrastiveResNet(nn.Module):
     stem: str = "cifar"  # cifar | imagenet
     mean: Sequence[float] = CIFAR_MEAN  # input standardisation, per channel, for images in [0, 1]
     std: Sequence[float] = CIFAR_STD
+    conv_impl: str = "xla"  # xla | onednn (onednn_conv.resolve): kernels only, the parameters are the same
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected float images [B, H, W, 3], got shape {images.shape}")
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME",
-                                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+                                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                                 conv_general_dilated=(onednn_conv.conv_general_dilated
+                                                       if self.conv_impl == "onednn" else None))
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=1e-5, dtype=self.dtype)
         mean = jnp.asarray(self.mean, jnp.float32)
@@ -153,7 +159,7 @@ def resolve_stem(stem: str, image_size: int) -> str:
 
 def create_model(model_config, num_classes: int, *, image_size: int = 32, mean: Sequence[float] = CIFAR_MEAN,
                  std: Sequence[float] = CIFAR_STD) -> ContrastiveResNet:
-    """Builds the model named in `config.model` (name, width, stem, proj_dim, proj_hidden_dim, dtype)."""
+    """Builds the model named in `config.model` (name, width, stem, proj_dim, proj_hidden_dim, dtype, conv)."""
     name = model_config.name
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model.name {name!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -172,6 +178,7 @@ def create_model(model_config, num_classes: int, *, image_size: int = 32, mean: 
         stem=resolve_stem(model_config.get("stem", "cifar"), image_size),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        conv_impl=onednn_conv.resolve(model_config.get("conv", "auto"), jax.default_backend()),
     )
 
 

@@ -56,6 +56,10 @@ CPU_CANDIDATES = {
     "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 CPU_COMPILER_OPTIONS = CPU_CANDIDATES["ynn_reduce_eltwise"]  # the choice on the CPUs measured so far
+# With oneDNN's convolutions (model.conv, contrastood.onednn_conv) there are no weight-gradient transposes
+# left to avoid, and YNNPACK's elementwise fusions make XLA materialise every BatchNorm broadcast: on the
+# AMD EPYC of results/cpu_speed XLA's defaults ran ResNet-18's step at 44.6 against 35.3 passes/s.
+DEFAULT_CANDIDATE = {"xla": "ynn_reduce_eltwise", "onednn": "xla_defaults"}
 DISABLE_ENV = "CONTRASTOOD_XLA_CPU_TUNING"  # 0: XLA's defaults; 1 (default): the cached measured choice
 OPTIONS_ENV = "CONTRASTOOD_XLA_CPU_OPTIONS"  # a name of CPU_CANDIDATES: use it, measure nothing
 CACHE_ENV = "CONTRASTOOD_CACHE_DIR"  # where the per-CPU choice is kept (default ~/.cache/contrastood)
@@ -64,13 +68,13 @@ _MIN_GAIN = 1.05  # a candidate must beat XLA's defaults by 5% to be chosen (bel
 TUNE_MIN_STEPS = 1000
 
 
-def compiler_options(workload: str | None = None) -> dict[str, str]:
+def compiler_options(workload: str | None = None, conv: str = "xla") -> dict[str, str]:
     """XLA options for a jitted step of this package (`jax.jit(..., compiler_options=...)`).
 
     CPU backends only. The training loop measures the candidates on its own step the first time a
     CPU model (and jax version) meets a workload (`choose`), and caches the winner; a step of a
     workload with a cached choice gets it, any other step (and every step of a multi-process run)
-    CPU_COMPILER_OPTIONS.
+    the default for its convolution kernels `conv` (DEFAULT_CANDIDATE: CPU_COMPILER_OPTIONS for XLA's).
     `CONTRASTOOD_XLA_CPU_OPTIONS=NAME` picks a candidate by name and measures nothing;
     `CONTRASTOOD_XLA_CPU_TUNING=0` gives XLA's defaults. An option this XLA does not know (another
     jaxlib) drops that candidate, with a warning, rather than failing.
@@ -88,14 +92,18 @@ def compiler_options(workload: str | None = None) -> dict[str, str]:
     cached = _read_table(_cache_file()).get(_key(workload)) if workload and jax.process_count() == 1 else None
     if cached and cached.get("choice") in CPU_CANDIDATES:
         return dict(CPU_CANDIDATES[cached["choice"]])
-    return dict(CPU_COMPILER_OPTIONS) if _supported("ynn_reduce_eltwise") else {}
+    default = DEFAULT_CANDIDATE.get(conv, "ynn_reduce_eltwise")
+    return dict(CPU_CANDIDATES[default]) if _supported(default) else {}
 
 
 def workload(config, num_devices: int) -> str:
     """The key a measured choice is cached under: what decides which XLA:CPU options are fastest."""
+    from contrastood import onednn_conv
+
+    conv = onednn_conv.resolve(config.model.get("conv", "auto"), jax.default_backend())
     return (f"{config.model.name}-x{config.model.width}-{config.model.dtype}-{config.data.image_size}px-"
             f"b{config.train.batch_size // max(num_devices, 1)}x{num_devices}-"
-            f"{'contrastive' if config.train.contrastive else 'supervised'}")
+            f"{'contrastive' if config.train.contrastive else 'supervised'}-conv_{conv}")
 
 
 def tuning_active() -> bool:
@@ -104,7 +112,7 @@ def tuning_active() -> bool:
             and not os.environ.get(OPTIONS_ENV))
 
 
-def choose(workload: str, seconds_per_step) -> dict[str, str]:
+def choose(workload: str, seconds_per_step, conv: str = "xla") -> dict[str, str]:
     """The fastest candidate for `workload` on this CPU, measured once and cached.
 
     `seconds_per_step(options)` compiles and times the real step with those options. Measuring happens
@@ -112,7 +120,7 @@ def choose(workload: str, seconds_per_step) -> dict[str, str]:
     the result. A candidate must beat XLA's defaults by 5% to be chosen (below that it is noise).
     """
     if not tuning_active():
-        return compiler_options(workload)
+        return compiler_options(workload, conv)
     path = _cache_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = _key(workload)
@@ -192,7 +200,10 @@ def _read_table(path: str) -> dict:
 
 
 def step_flops(compiled) -> float:
-    """FLOPs of one call of a compiled function, per device, from XLA's cost analysis (nan if absent)."""
+    """FLOPs of one call of a compiled function, per device, from XLA's cost analysis (nan if absent).
+
+    XLA counts nothing for custom calls, so oneDNN's convolutions are added from their shapes in the
+    compiled (partitioned, per-device) HLO."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # best-effort API: unimplemented on some backends
@@ -200,6 +211,12 @@ def step_flops(compiled) -> float:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops", float("nan"))
+    try:
+        from contrastood import onednn_conv
+
+        flops = (flops if flops and flops > 0 else 0.0) + onednn_conv.hlo_flops(compiled.as_text())
+    except Exception:  # as_text is best-effort too
+        pass
     return float(flops) if flops and flops > 0 else float("nan")
 
 

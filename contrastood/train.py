@@ -185,7 +185,7 @@ def jit_eval_step(step_fn, mesh, options: dict | None = None) -> Callable:
                    compiler_options=perf.compiler_options() if options is None else options)
 
 
-def tuned_options(step_fn, mesh, state: TrainState, batch: dict, workload: str) -> dict:
+def tuned_options(step_fn, mesh, state: TrainState, batch: dict, workload: str, conv: str = "xla") -> dict:
     """The XLA:CPU options for this step: measured on it (a copy of the state, the first batch) the first
     time this CPU meets this workload, then cached (perf.choose)."""
 
@@ -201,7 +201,7 @@ def tuned_options(step_fn, mesh, state: TrainState, batch: dict, workload: str) 
             steps += 1
         return (time.perf_counter() - started) / steps
 
-    return perf.choose(workload, seconds_per_step)
+    return perf.choose(workload, seconds_per_step, conv)
 
 
 def evaluate_accuracy(eval_step, state, source: sources.Source, config: ml_collections.ConfigDict, mesh) -> float:
@@ -321,15 +321,15 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
         # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
         first_batch = next(batches)
         measure = perf.tuning_active() and total_steps - start_step >= perf.TUNE_MIN_STEPS
-        options = (tuned_options(step_fn, mesh, state, first_batch, workload) if measure
-                   else perf.compiler_options(workload))
+        options = (tuned_options(step_fn, mesh, state, first_batch, workload, model.conv_impl) if measure
+                   else perf.compiler_options(workload, model.conv_impl))
         train_step = jit_train_step(step_fn, mesh, options).lower(state, first_batch).compile()
         flops_per_step = perf.step_flops(train_step)
         peak_flops, _ = perf.log_peak(config.model.dtype, config.train.peak_tflops)
         logging.info("train step: %.3g FLOPs per device (XLA estimate)", flops_per_step)
     else:
-        train_step = jit_train_step(step_fn, mesh, perf.compiler_options(workload))
-    eval_step = jit_eval_step(make_eval_step(model), mesh, perf.compiler_options(workload))
+        train_step = jit_train_step(step_fn, mesh, perf.compiler_options(workload, model.conv_impl))
+    eval_step = jit_eval_step(make_eval_step(model), mesh, perf.compiler_options(workload, model.conv_impl))
     last_log_time, last_log_step = time.time(), start_step
     watcher = preemption.Watcher()
     try:

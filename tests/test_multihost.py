@@ -141,11 +141,12 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     mesh = parallel.create_mesh()
     model, state = restore(workdir, config, mesh)
     assert int(state.step) == int(reference.step) == total_steps
-    # Measured: at most 1e-7 apart (5% of the tolerance; cross-process reduction order); with process
-    # 1 training on process 0's shard of each batch, 5e-3 (2000 times the tolerance).
+    # Measured: at most 1e-7 apart with XLA's convolutions, 1.5e-6 with oneDNN's (model.conv=auto; the
+    # cross-process reduction order, amplified over 4 steps); with process 1 training on process 0's shard
+    # of each batch, 5e-3 (1000 times the tolerance).
     for name in ("params", "batch_stats"):
         for a, b in zip(jax.tree.leaves(getattr(reference, name)), jax.tree.leaves(getattr(state, name))):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=5e-6, err_msg=name)
 
     # Evaluation: process 0 cached the features of every set, which equal those extracted here.
     load = lambda spec: sources.load(spec, image_size=config.data.image_size, seed=config.seed)  # noqa: E731
@@ -185,7 +186,9 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     with np.load(workdir / "ood_scores.npz") as written:
         assert sorted(written) == sorted(expected)
         for key, value in expected.items():
-            np.testing.assert_allclose(written[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+            # RMDS, a difference of two Mahalanobis distances, came out 7.3e-5 apart (1.4e-5 relative) with
+            # oneDNN's convolutions (model.conv=auto); within 1e-5 with XLA's.
+            np.testing.assert_allclose(written[key], value, rtol=5e-5, atol=1e-4, err_msg=key)
 
     # Summaries and reports: process 0 alone (its pid is in every event file's name).
     assert (workdir / "config.json").exists() and (workdir / "ood_report.json").exists()

@@ -187,16 +187,18 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     ours = [r for r in rows if r["framework"] == "contrastood" and r.get("host_malloc", True)]
     glibc_defaults = [r for r in rows if r.get("host_malloc") is False]
     theirs = [r for r in rows if r["framework"] != "contrastood"]
-    from contrastood import perf
+    from contrastood import onednn_conv, perf
 
+    conv = "onednn" if onednn_conv.load() is None else "xla"
     # On glibc Linux, one more row: the default option set with host_memory off, not counted as ours.
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
         assert [r["mode"] for r in glibc_defaults] == [
-            "float32, XLA ynn_reduce_eltwise, glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)"]
+            f"float32, conv {conv}, XLA {perf.DEFAULT_CANDIDATE[conv]}, glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)"]
         assert glibc_defaults[0]["passes_s"] > 0
 
     assert {r["mode"].split("XLA ")[1] for r in ours} >= {"xla_defaults"}
     assert {r["mode"].split("XLA ")[1] for r in ours} == {n for n in perf.CPU_CANDIDATES if perf._supported(n)}
+    assert {r["mode"].split(", XLA")[0] for r in ours} >= {"float32, conv xla", f"float32, conv {conv}"}
     assert {r["mode"] for r in theirs} >= {"fp32", "fp32_cl"}
     assert all(r["passes_s"] > 0 for r in rows)
     summary = result["summary"]["resnet_tiny"]

@@ -79,8 +79,13 @@ def test_one_device_equals_eight_devices(tmp_path, contrastive):
                             grads=jax.tree.map(lambda a, b: (a - b) / max(lr0, 1e-12), p0, p1)))
     one, eight = results
     for key in ("loss", "class_loss", "grad_norm"):
-        np.testing.assert_allclose(one["m1"][key], eight["m1"][key], rtol=1e-5)
-        np.testing.assert_allclose(one["m2"][key], eight["m2"][key], rtol=1e-4)
+        # Float rounding of per-device kernels: 1.2e-5 measured on the contrastive loss with oneDNN's
+        # convolutions (model.conv=auto on CPU), below 1e-5 with XLA's.
+        np.testing.assert_allclose(one["m1"][key], eight["m1"][key], rtol=3e-5)
+        # Second step (contrastive, stage 2): the grad norm came out 3.6e-4 apart with oneDNN's kernels on
+        # two threads, 7e-6 with OMP_NUM_THREADS=1, and 5e-7 with XLA's kernels. Every oneDNN gradient is
+        # within 5e-6 of float64 (tests/test_onednn_conv.py), so this is the step's sensitivity, not a fault.
+        np.testing.assert_allclose(one["m2"][key], eight["m2"][key], rtol=1e-3 if key == "grad_norm" else 1e-4)
     leaves_close(one["grads"], eight["grads"], rtol=2e-3, atol=1e-5)
     leaves_close(one["p2"], eight["p2"], rtol=1e-4, atol=1e-6)
     leaves_close(one["stats"], eight["stats"], rtol=1e-4, atol=1e-6)
@@ -464,8 +469,8 @@ def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_p
     assert all(s > 0 for s in entry["seconds_per_step"].values())
 
     real_choose = perf.choose
-    monkeypatch.setattr(perf, "choose", lambda workload, seconds_per_step: real_choose(
-        workload, lambda options: pytest.fail("measured again")))
+    monkeypatch.setattr(perf, "choose", lambda workload, seconds_per_step, conv="xla": real_choose(
+        workload, lambda options: pytest.fail("measured again"), conv))
     again = train.train_and_evaluate(config, str(tmp_path / "again"))
     assert int(again.step) == 6
 

@@ -70,7 +70,8 @@ class FeatureExtractor:
         self.variables = parallel.replicate(variables, mesh)
         names = scorers_lib.resolve(config.ood.scorers if scorer_names is None else scorer_names)
         self.network_scorers = [scorers_lib.REGISTRY[n] for n in names if scorers_lib.REGISTRY[n].in_network]
-        options = perf.compiler_options(perf.workload(config, mesh.devices.size))  # the train step's choice
+        options = perf.compiler_options(perf.workload(config, mesh.devices.size),  # the train step's choice
+                                        getattr(model, "conv_impl", "xla"))
         shardings = dict(in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                          out_shardings=parallel.replicated(mesh), compiler_options=options)
         self._steps: dict[bool, Callable] = {}

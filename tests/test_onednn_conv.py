@@ -1,0 +1,208 @@
+"""oneDNN convolutions (contrastood.onednn_conv) against lax.conv_general_dilated: values, gradients,
+sharding over 8 devices, fall-backs, the FLOP count, the kernel cache and the choice of kernels."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from contrastood import models, onednn_conv, parallel, perf
+from contrastood.config_lib import base_config
+
+pytestmark = pytest.mark.skipif(onednn_conv.load() is not None, reason=f"oneDNN unavailable: {onednn_conv.load()}")
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (batch, size, in, out, kernel, stride, padding): SAME with odd/even sizes, VALID, explicit asymmetric
+CASES = [
+    (4, 9, 3, 8, 3, 1, "SAME"),
+    (4, 8, 5, 6, 3, 2, "SAME"),
+    (2, 11, 4, 8, 7, 2, "SAME"),
+    (4, 8, 6, 4, 1, 2, "SAME"),
+    (3, 7, 4, 5, 3, 1, "VALID"),
+    (2, 8, 3, 4, 3, 2, ((0, 2), (1, 0))),
+]
+
+
+def _loss(conv, padding, stride):
+    def loss(x, w, t):
+        y = conv(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+        return jnp.sum((y.astype(jnp.float32) - t) ** 2), y
+    return loss
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"k{c[4]}s{c[5]}-{c[6] if isinstance(c[6], str) else 'explicit'}"
+                                             for c in CASES])
+def test_forward_and_both_gradients_match_lax(case, dtype):
+    n, size, cin, cout, k, stride, padding = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
+    ref_y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+    t = jnp.asarray(rng.normal(size=ref_y.shape), jnp.float32)
+    results = {}
+    for name, conv in (("lax", jax.lax.conv_general_dilated), ("onednn", onednn_conv.conv_general_dilated)):
+        grad = jax.jit(jax.value_and_grad(_loss(conv, padding, stride), argnums=(0, 1), has_aux=True))
+        (loss, y), (dx, dw) = grad(x, w, t)
+        results[name] = [np.asarray(v, np.float32) for v in (y, dx, dw)]
+        if name == "onednn":
+            text = grad.lower(x, w, t).compile().as_text()
+            assert text.count('custom_call_target="contrastood_conv_') == 3, "not the oneDNN kernels"
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=4e-2, atol=0.15)
+    for got, want, what in zip(results["onednn"], results["lax"], ("y", "dx", "dw")):
+        assert got.shape == want.shape, what
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got / scale, want / scale, err_msg=what, **tol)
+
+
+def test_sharded_over_devices_matches_one_device_and_gathers_no_activations():
+    """Batch-sharded over 8 devices, each device convolves its shard and the weight gradient is summed."""
+    assert jax.device_count() == 8
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.3, jnp.float32)
+
+    def loss(x, w):
+        y = onednn_conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y))
+
+    one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
+                      in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))
+    xs, ws = jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P()))
+    many = sharded(xs, ws)
+    text = sharded.lower(xs, ws).compile().as_text()
+    assert "all-gather" not in text
+    assert "f32[2,4,4,6]" in text  # each device's output shard: 16 / 8 images
+    assert many[1][0].sharding.spec == P("data") and many[1][1].sharding.is_fully_replicated
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rhs_dilation=(2, 2)), dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
+                                    dict(feature_group_count=2), dict(dimension_numbers=("NCHW", "OIHW", "NCHW")),
+                                    dict(padding=((-1, 0), (0, 0)))],
+                         ids=["dilation", "lhs_dilation", "groups", "nchw", "cropping"])
+def test_calls_the_kernel_does_not_cover_go_to_lax(kwargs):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 2 if "feature_group_count" in kwargs else 4, 4)), jnp.float32)
+    if "dimension_numbers" in kwargs:
+        x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC) | kwargs
+    ours = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, **args))
+    np.testing.assert_allclose(ours(x, w), jax.lax.conv_general_dilated(x, w, **args), rtol=1e-5, atol=1e-5)
+    assert "contrastood_conv" not in ours.lower(x, w).as_text()
+
+
+def test_flop_count_equals_xlas_count_of_the_same_convolutions():
+    """XLA counts nothing for custom calls; hlo_flops restores exactly what it counts for its own convs."""
+    rng = np.random.default_rng(3)
+    for n, size, cin, cout, k, stride, padding in CASES[:4]:
+        x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+        flops = {}
+        for name, conv in (("lax", jax.lax.conv_general_dilated), ("onednn", onednn_conv.conv_general_dilated)):
+            f = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, (stride, stride), padding,
+                                                           dimension_numbers=NHWC)), argnums=(0, 1)))
+            flops[name] = perf.step_flops(f.lower(x, w).compile())
+        np.testing.assert_allclose(flops["onednn"], flops["lax"], rtol=0.02)
+
+
+def test_the_model_has_the_same_parameters_and_outputs_with_either_kernel():
+    config = base_config()
+    config.model.name, config.model.width, config.model.proj_dim = "resnet_tiny", 1, 16
+    outputs, params = {}, {}
+    for conv in ("xla", "onednn"):
+        config.model.conv = conv
+        model = models.create_model(config.model, 10, image_size=16)
+        assert model.conv_impl == conv
+        images = jnp.asarray(np.random.default_rng(4).uniform(size=(8, 16, 16, 3)), jnp.float32)
+        variables = model.init(jax.random.key(0), images, train=False)
+
+        def loss(params):
+            out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(out["logits"] ** 2) + jnp.sum(out["proj"] ** 2), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        outputs[conv], params[conv] = (out, grads), variables["params"]
+    assert jax.tree.structure(params["xla"]) == jax.tree.structure(params["onednn"])
+    for a, b in zip(jax.tree.leaves(params["xla"]), jax.tree.leaves(params["onednn"])):
+        np.testing.assert_array_equal(a, b)  # same initialisation: checkpoints move between kernels
+    for a, b in zip(jax.tree.leaves(outputs["xla"]), jax.tree.leaves(outputs["onednn"])):
+        scale = max(1.0, float(np.abs(np.asarray(a)).max()))
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_measured_choice_onednn_steps_get_xlas_default_options(monkeypatch, tmp_path):
+    monkeypatch.delenv(perf.OPTIONS_ENV, raising=False)
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    assert perf.compiler_options("some-workload", "onednn") == perf.CPU_CANDIDATES["xla_defaults"] == {}
+    assert perf.compiler_options("some-workload", "xla") == perf.CPU_COMPILER_OPTIONS
+    config = base_config()
+    assert perf.workload(config, 8).endswith("-conv_onednn")
+    config.model.conv = "xla"
+    assert perf.workload(config, 8).endswith("-conv_xla")
+
+
+def test_choice_of_kernels_and_its_errors():
+    assert onednn_conv.resolve("xla", "cpu") == "xla"
+    assert onednn_conv.resolve("auto", "cpu") == "onednn"
+    assert onednn_conv.resolve("auto", "gpu") == "xla"
+    with pytest.raises(ValueError, match="unknown model.conv 'fast'; choose one of"):
+        onednn_conv.resolve("fast", "cpu")
+    with pytest.raises(ValueError, match="CPU backends only.*model.conv=auto or xla"):
+        onednn_conv.resolve("onednn", "tpu")
+
+
+_RESOLVE = textwrap.dedent("""
+    import json, sys
+    from contrastood import onednn_conv
+    out = {"problem": onednn_conv.load(), "auto": onednn_conv.resolve("auto", "cpu")}
+    try:
+        onednn_conv.resolve("onednn", "cpu")
+    except RuntimeError as e:
+        out["error"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+def _run(code: str, env: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_without_onednn_auto_falls_back_to_xla_and_onednn_names_the_fix(tmp_path):
+    out = _run(_RESOLVE, {onednn_conv.LIBRARY_ENV: str(tmp_path / "missing" / "libdnnl.so.3"),
+                          onednn_conv.CACHE_ENV: str(tmp_path / "cache")})
+    assert out["auto"] == "xla"
+    assert "pip install onednn-cpu-gomp" in out["problem"] and "--config.model.conv=xla" in out["problem"]
+    assert out["error"].startswith("model.conv=onednn, but the oneDNN kernel is unavailable")
+
+
+def test_without_a_compiler_the_error_says_so(tmp_path):
+    out = _run(_RESOLVE, {"CXX": str(tmp_path / "no-such-g++"), onednn_conv.CACHE_ENV: str(tmp_path / "cache")})
+    assert out["auto"] == "xla" and "no C++ compiler" in out["problem"] and "install g++" in out["problem"]
+
+
+def test_parallel_processes_build_the_kernel_once(tmp_path):
+    """Test workers start together: one builds under the lock, the others load its library."""
+    cache = tmp_path / "cache"
+    code = "from contrastood import onednn_conv; print(onednn_conv.load() or 'ok')"
+    env = {**os.environ, onednn_conv.CACHE_ENV: str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 and out.strip().endswith("ok") for p, (out, _) in zip(procs, outputs)), outputs
+    built = sorted(os.listdir(cache / "kernels"))
+    assert len([f for f in built if f.endswith(".so")]) == 1, built  # no half-written temporaries left
