@@ -27,6 +27,12 @@ def test_peak_sources():
     peak, source = perf.peak_flops_per_device("float32")  # CPU: measured, split over the forced devices
     assert "measured" in source and np.isfinite(peak)
     assert peak * jax.local_device_count() == pytest.approx(perf.measured_matmul_flops("float32"))
+    # bfloat16: never below the float32 rate, twice it where the CPU has bf16 dot-product units
+    bf16_peak, source = perf.peak_flops_per_device("bfloat16")
+    factor = 2.0 if perf.cpu_has_bf16() else 1.0
+    assert bf16_peak * jax.local_device_count() == pytest.approx(max(
+        perf.measured_matmul_flops("bfloat16"), factor * perf.measured_matmul_flops("float32")))
+    assert f"{factor:g} x measured float32 matmul" in source
 
     class Device:
         device_kind = "TPU v4"
