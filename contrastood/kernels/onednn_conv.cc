@@ -307,27 +307,19 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 }
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+// All three take two NHWC/HWIO buffers, return one, and carry the strides and (top, bottom, left, right) padding.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvForward, Forward, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvBackwardData, BackwardData, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvBackwardWeights, BackwardWeights, ConvBinding());
 
 extern "C" int contrastood_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
