@@ -46,10 +46,12 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from contrastood import perf
+
 SOURCE = pathlib.Path(__file__).resolve().parent / "kernels" / "onednn_conv.cc"
 IMPLS = ("auto", "xla", "onednn")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
-CACHE_ENV = "CONTRASTOOD_CACHE_DIR"  # shared with perf: where compiled kernels are kept
+CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
 _TARGETS = ("Forward", "BackwardData", "BackwardWeights")
 _FIX = ("install the onednn-cpu-gomp wheel (pip install onednn-cpu-gomp) and a C++ compiler (g++), "
         "or set --config.model.conv=xla")
@@ -68,10 +70,6 @@ def find_library() -> str | None:
     return found
 
 
-def _cache_root() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "contrastood")
-
-
 def _build(library: str) -> str:
     """Compiles the kernel against `library` (once; later calls find it in the cache) and returns its path."""
     import jaxlib
@@ -86,7 +84,7 @@ def _build(library: str) -> str:
     digest = hashlib.sha256(b"|".join([
         SOURCE.read_bytes(), jaxlib.__version__.encode(), library.encode(), str(stat.st_size).encode(),
         compiler.encode()])).hexdigest()[:16]
-    out_dir = os.path.join(_cache_root(), "kernels")
+    out_dir = os.path.join(perf.cache_root(), "kernels")
     out = os.path.join(out_dir, f"onednn_conv-{digest}.so")
     if os.path.exists(out):
         return out
@@ -111,35 +109,38 @@ def _build(library: str) -> str:
 
 
 @functools.cache
-def load() -> str | None:
-    """Builds and registers the FFI targets; None on success, else why oneDNN cannot be used here."""
+def _kernel() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded kernel with its FFI targets registered, None) or (None, why oneDNN cannot be used)."""
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
-        return f"oneDNN kernels are built for Linux x86-64 only (this is {sys.platform}/{os.uname().machine})"
+        return None, f"oneDNN kernels are built for Linux x86-64 only (this is {sys.platform}/{os.uname().machine})"
     library = find_library()
     if not library:
-        return f"libdnnl.so.3 not found; {_FIX}"
+        return None, f"libdnnl.so.3 not found; {_FIX}"
     if os.path.isabs(library) and not os.path.exists(library):
-        return f"{library} does not exist ({LIBRARY_ENV}?); {_FIX}"
+        return None, f"{library} does not exist ({LIBRARY_ENV}?); {_FIX}"
     try:
-        path = _build(library)
-        kernel = ctypes.CDLL(path)
+        kernel = ctypes.CDLL(_build(library))
         for target in _TARGETS:
             jax.ffi.register_ffi_target(f"contrastood_conv_{target}",
                                         jax.ffi.pycapsule(getattr(kernel, f"ContrastoodConv{target}")),
                                         platform="cpu")
-        version = kernel.contrastood_onednn_version()
     except (OSError, RuntimeError, AttributeError) as e:
-        return f"{e}; {_FIX}"
-    _VERSION[0] = f"{version // 10000}.{version // 100 % 100}.{version % 100}"
-    return None
+        return None, f"{e}; {_FIX}"
+    return kernel, None
 
 
-_VERSION = [""]
+def load() -> str | None:
+    """Builds and registers the FFI targets (once per process); None on success, else why not."""
+    return _kernel()[1]
 
 
 def version() -> str:
-    """oneDNN's version once `load()` succeeded ('' before)."""
-    return _VERSION[0]
+    """oneDNN's version once the kernel loaded ('' if it did not)."""
+    kernel = _kernel()[0]
+    if kernel is None:
+        return ""
+    v = kernel.contrastood_onednn_version()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
 @functools.cache

@@ -185,8 +185,14 @@ def _key(workload: str | None) -> str:
     return "|".join([f"{k}={v}" for k, v in sorted(cpu_identity().items())] + [f"workload={workload}"])
 
 
+def cache_root() -> str:
+    """Where measured choices and compiled kernels (onednn_conv) are kept: $CONTRASTOOD_CACHE_DIR or
+    ~/.cache/contrastood."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "contrastood")
+
+
 def _cache_file() -> str:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "contrastood")
+    root = cache_root()
     return os.path.join(root, "xla_cpu_options.json")
 
 
