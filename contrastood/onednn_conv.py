@@ -129,6 +129,29 @@ def _kernel() -> tuple[ctypes.CDLL | None, str | None]:
     return kernel, None
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_call(devices: int, cores: int, environ=os.environ) -> int:
+    """OpenMP threads for each of `devices` concurrent oneDNN calls; 0: OpenMP's default (all cores).
+
+    XLA runs every CPU device's share of a sharded computation on that device's own thread at the
+    same time, and each oneDNN call opens its own OpenMP team. With 8 forced devices on 2 cores,
+    teams of 2 made the tiny step take 217.5-247.1 ms against 169.4-180.3 ms with one thread per
+    call (results/README.md), so the devices of a sharded call split the cores. Unsharded calls keep
+    OpenMP's default, and a user's OMP_NUM_THREADS is left alone."""
+    if environ.get("OMP_NUM_THREADS") or devices <= 1:
+        return 0
+    return max(1, cores // devices)
+
+
+def _threads(mesh) -> int:
+    """threads_per_call for a call partitioned over `mesh`: its devices in this process run at once."""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return threads_per_call(local, _cores())
+
+
 def load() -> str | None:
     """Builds and registers the FFI targets (once per process); None on success, else why not."""
     return _kernel()[1]
@@ -179,9 +202,9 @@ def _shards(mesh, batch) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def _call(target: str, shape, dtype, a, b, strides, padding):
+def _call(target: str, shape, dtype, a, b, strides, padding, threads: int = 0):
     return jax.ffi.ffi_call(f"contrastood_conv_{target}", jax.ShapeDtypeStruct(tuple(shape), dtype))(
-        a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
+        a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64), threads=np.int64(threads))
 
 
 def _factors(rule: str, skip: str) -> tuple[str, ...]:
@@ -205,9 +228,10 @@ def _partitioned(target: str, rule: str, sums_batch: bool):
     def partition(shape, strides, padding, mesh, arg_shapes, result_shape):
         batch = _batch_spec(arg_shapes[0].sharding)
         local = tuple(shape) if sums_batch else (shape[0] // _shards(mesh, batch),) + tuple(shape[1:])
+        threads = _threads(mesh)
 
         def lower(a, b):
-            out = _call(target, local, a.dtype, a, b, strides, padding)
+            out = _call(target, local, a.dtype, a, b, strides, padding, threads)
             return lax.psum(out, batch) if sums_batch and batch is not None else out
 
         arg_shardings = (NamedSharding(mesh, P(batch)), NamedSharding(mesh, P(batch) if sums_batch else P()))

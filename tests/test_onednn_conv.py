@@ -86,6 +86,27 @@ def test_sharded_over_devices_matches_one_device_and_gathers_no_activations():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_devices_in_one_process_split_the_cores_between_their_calls():
+    """Each device's convolutions run at the same time as the others', so each call gets its share of the cores."""
+    assert [onednn_conv.threads_per_call(8, 2, {}), onednn_conv.threads_per_call(2, 16, {}),
+            onednn_conv.threads_per_call(3, 8, {})] == [1, 8, 2]
+    assert onednn_conv.threads_per_call(1, 16, {}) == 0  # one device: OpenMP's default, all cores
+    assert onednn_conv.threads_per_call(8, 2, {"OMP_NUM_THREADS": "2"}) == 0  # the user's setting wins
+    mesh = parallel.create_mesh()
+    x = jax.device_put(jnp.ones((16, 8, 8, 4)), NamedSharding(mesh, P("data")))
+    w = jnp.ones((3, 3, 4, 6))
+
+    def step(x, w):
+        return jax.grad(lambda x, w: jnp.sum(jnp.sin(onednn_conv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=NHWC))), argnums=(0, 1))(x, w)
+
+    want = onednn_conv.threads_per_call(8, len(os.sched_getaffinity(0)))
+    sharded = jax.jit(step).lower(x, w).compile().as_text()
+    unsharded = jax.jit(step).lower(np.ones((16, 8, 8, 4), np.float32), w).compile().as_text()
+    assert sharded.count(f"threads = {want} : i64") == 3  # forward, backward-data, backward-weights
+    assert unsharded.count("threads = 0 : i64") == 3
+
+
 @pytest.mark.parametrize("kwargs", [dict(rhs_dilation=(2, 2)), dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
                                     dict(feature_group_count=2), dict(dimension_numbers=("NCHW", "OIHW", "NCHW")),
                                     dict(padding=((-1, 0), (0, 0)))],

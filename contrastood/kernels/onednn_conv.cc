@@ -83,6 +83,8 @@ dnnl_status_t dnnl_primitive_desc_destroy(dnnl_primitive_desc_t);
 dnnl_status_t dnnl_primitive_create(dnnl_primitive_t*, const_dnnl_primitive_desc_t);
 dnnl_status_t dnnl_primitive_execute(dnnl_primitive_t, dnnl_stream_t, int nargs, const dnnl_exec_arg_t* args);
 const dnnl_version_t* dnnl_version(void);
+int omp_get_max_threads(void);  // libgomp, which libdnnl (the gomp build) links
+void omp_set_num_threads(int);
 }
 
 namespace {
@@ -97,11 +99,14 @@ constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80, 
 
 enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-// One convolution problem: NHWC input [n,h,w,c], HWIO weights [kh,kw,c,o], NHWC output [n,ho,wo,o].
+// One convolution problem: NHWC input [n,h,w,c], HWIO weights [kh,kw,c,o], NHWC output [n,ho,wo,o], run with
+// `threads` OpenMP threads (part of the problem because oneDNN fixes a primitive's work split at creation).
 struct Problem {
-  int kind, dtype;
+  int kind, dtype, threads;
   int64_t n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr;
-  auto tie() const { return std::tie(kind, dtype, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr); }
+  auto tie() const {
+    return std::tie(kind, dtype, threads, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr);
+  }
   bool operator<(const Problem& other) const { return tie() < other.tie(); }
 };
 
@@ -264,15 +269,26 @@ ffi::Error Run(const Problem& p, void* src, void* weights, void* dst) {
   return ffi::Error::Success();
 }
 
+// OpenMP's default team size, read before any call changed a thread's setting.
+int DefaultThreads() {
+  static const int threads = omp_get_max_threads();
+  return threads;
+}
+
+// `threads` > 0: this call's share of the cores (XLA runs the devices of one process at the same time, each on
+// its own thread, and each call would otherwise open a team of all cores); 0: OpenMP's default. The setting is
+// per calling thread, and XLA's threads run other computations too, so every call sets it.
 ffi::Error MakeProblem(int kind, ffi::DataType type, ffi::Span<const int64_t> in_dims, ffi::Span<const int64_t> w_dims,
                        ffi::Span<const int64_t> out_dims, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> padding, Problem* p) {
+                       ffi::Span<const int64_t> padding, int64_t threads, Problem* p) {
   if (in_dims.size() != 4 || w_dims.size() != 4 || out_dims.size() != 4 || strides.size() != 2 ||
       padding.size() != 4)
     return ffi::Error::InvalidArgument("onednn conv: expected NHWC/HWIO rank-4 operands, 2 strides, 4 paddings");
   int dtype = type == ffi::DataType::F32 ? kF32 : type == ffi::DataType::BF16 ? kBF16 : 0;
   if (!dtype) return ffi::Error::InvalidArgument("onednn conv: float32 or bfloat16 operands only");
-  *p = Problem{kind, dtype, in_dims[0], in_dims[1], in_dims[2], in_dims[3], w_dims[0], w_dims[1], w_dims[3],
+  const int team = threads > 0 ? static_cast<int>(threads) : DefaultThreads();
+  if (omp_get_max_threads() != team) omp_set_num_threads(team);
+  *p = Problem{kind, dtype, team, in_dims[0], in_dims[1], in_dims[2], in_dims[3], w_dims[0], w_dims[1], w_dims[3],
                out_dims[1], out_dims[2], strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
   if (w_dims[2] != in_dims[3] || out_dims[0] != in_dims[0] || out_dims[3] != w_dims[3])
     return ffi::Error::InvalidArgument("onednn conv: operand shapes do not match");
@@ -280,41 +296,43 @@ ffi::Error MakeProblem(int kind, ffi::DataType type, ffi::Span<const int64_t> in
 }
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   Problem p;
   ffi::Error e = MakeProblem(kFwd, x.element_type(), x.dimensions(), w.dimensions(), y->dimensions(), strides,
-                             padding, &p);
+                             padding, threads, &p);
   if (e.failure()) return e;
   return Run(p, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   Problem p;
   ffi::Error e = MakeProblem(kBwdData, dy.element_type(), dx->dimensions(), w.dimensions(), dy.dimensions(),
-                             strides, padding, &p);
+                             strides, padding, threads, &p);
   if (e.failure()) return e;
   return Run(p, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
 }
 
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   Problem p;
   ffi::Error e = MakeProblem(kBwdWeights, x.element_type(), x.dimensions(), dw->dimensions(), dy.dimensions(),
-                             strides, padding, &p);
+                             strides, padding, threads, &p);
   if (e.failure()) return e;
   return Run(p, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 }  // namespace
 
-// All three take two NHWC/HWIO buffers, return one, and carry the strides and (top, bottom, left, right) padding.
+// All three take two NHWC/HWIO buffers, return one, and carry the strides, (top, bottom, left, right) padding and
+// OpenMP threads (0: OpenMP's default).
 static auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Ret<ffi::AnyBuffer>()
       .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("padding");
+      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<int64_t>("threads");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvForward, Forward, ConvBinding());
