@@ -39,6 +39,24 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
 
     `options`: the XLA compiler options (default: contrastood.perf.compiler_options()); `conv`: model.conv."""
     options = perf.compiler_options() if options is None else options
+    step = build_step(model_name, batch, dtype, contrastive, image_size, options, conv)
+    seconds, step["state"] = time_steps(lambda s: step["compiled"](s, step["data"]), step["state"], steps, min_seconds)
+    flops, mesh = step["flops"], step["mesh"]
+    views = 2 if contrastive else 1
+    peak, peak_source = perf.peak_flops_per_device(dtype)
+    extract_s = _extract_seconds(step["model"], step["state"], mesh, eval_batch, steps, image_size, min_seconds,
+                                 options)
+    return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
+                step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
+                gflop_step=flops * mesh.devices.size / 1e9, gflop_s=flops * mesh.devices.size / seconds / 1e9,
+                mfu=perf.mfu(flops, 1.0 / seconds, peak), peak_source=peak_source,
+                peak_tflops=peak * mesh.devices.size / 1e12,
+                extract_img_s=eval_batch / extract_s, compile_s=step["compile_s"])
+
+
+def build_step(model_name: str, batch: int, dtype: str, contrastive: bool, image_size: int, options: dict,
+               conv: str) -> dict:
+    """The compiled train step with its state and an on-device batch, to time it again and again."""
     config = config_lib.base_config()
     config_lib.apply_cpu_variant(config)
     config.data.train = "benchmark"
@@ -61,20 +79,11 @@ def benchmark(model_name: str, batch: int, steps: int, dtype: str, contrastive: 
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    flops = perf.step_flops(compiled)  # per device
-    seconds, state = _time(lambda s: compiled(s, data), state, steps, min_seconds)
-    views = 2 if contrastive else 1
-    peak, peak_source = perf.peak_flops_per_device(dtype)
-    extract_s = _extract_seconds(model, state, mesh, eval_batch, steps, image_size, min_seconds, options)
-    return dict(model=model_name, batch=batch, dtype=dtype, views=views, devices=mesh.devices.size,
-                step_s=seconds, img_s=batch / seconds, passes_s=views * batch / seconds,
-                gflop_step=flops * mesh.devices.size / 1e9, gflop_s=flops * mesh.devices.size / seconds / 1e9,
-                mfu=perf.mfu(flops, 1.0 / seconds, peak), peak_source=peak_source,
-                peak_tflops=peak * mesh.devices.size / 1e12,
-                extract_img_s=eval_batch / extract_s, compile_s=compile_s)
+    return dict(compiled=compiled, state=state, data=data, model=model, mesh=mesh, compile_s=compile_s,
+                flops=perf.step_flops(compiled))  # flops: per device
 
 
-def _time(run_step, state, steps: int, min_seconds: float = 0.0):
+def time_steps(run_step, state, steps: int, min_seconds: float = 0.0):
     """-> (seconds per step after one warm-up call, final state); the state is donated, so threaded."""
     state, metrics = run_step(state)
     jax.block_until_ready(metrics)

@@ -12,9 +12,13 @@ CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU ha
 in passes/s (views through forward + backward). One more contrastood row runs the default kernels and
 option set in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
 contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
-denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 FLOP/cycle for reference),
-and the ratios: our best row against PyTorch's best mode, and our best float32 row against its best
-float32 mode.
+denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 or 64 FLOP/cycle for
+reference), and the ratios: our best row against PyTorch's best mode, and our best float32 row
+against its best float32 mode.
+
+Rows measured minutes apart drift on a shared VM (about +-25% here), so each of those two pairs is
+then measured again head to head: --rounds alternating rounds of ours (the same compiled step) and
+PyTorch's (a fresh torch_reference.py process), and the ratio is the median of the rounds' ratios.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per JAX row (at least 3 steps)")
     parser.add_argument("--torch_steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating head-to-head rounds per pair (0: none)")
     parser.add_argument("--out", default="", help="also write vs_pytorch.{json,md} there")
     args = parser.parse_args(argv)
     import train_throughput  # first: it configures contrastood.host_memory before JAX starts
@@ -75,8 +80,9 @@ def main(argv=None):
     print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}), jax {jax.__version__}, "
           f"{jax.device_count()} device(s); host malloc: {host_memory.state['reason']}")
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
-          + (f"; cores x {ghz:.2f} GHz x 32 FLOP/cycle = {int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s"
-             if ghz else ""), flush=True)
+          + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
+             f"{int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s, x 64 (two 512-bit) = "
+             f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else ""), flush=True)
     convs = ["xla"] + (["onednn"] if onednn_conv.load() is None else [])
     bf16 = perf.cpu_has_bf16()
     print(f"convolution kernels: {', '.join(convs)}"
@@ -90,7 +96,8 @@ def main(argv=None):
                 r = train_throughput.benchmark(model, args.batch, 3, dtype, True, eval_batch=256,
                                                min_seconds=args.seconds, options=dict(options), conv=conv)
                 rows.append({"framework": "contrastood", "model": model, "mode": f"{dtype}, conv {conv}, XLA {name}",
-                             "passes_s": r["passes_s"], "mfu": r["mfu"]})
+                             "passes_s": r["passes_s"], "mfu": r["mfu"], "dtype": dtype, "conv": conv,
+                             "options": name})
                 print(json.dumps(rows[-1]), flush=True)
         if host_memory.state["applied"]:
             conv = convs[-1]
@@ -100,12 +107,7 @@ def main(argv=None):
                          "glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)", "passes_s": r["passes_s"],
                          "mfu": r["mfu"], "host_malloc": False})
             print(json.dumps(rows[-1]), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "torch.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), f"--models={args.models}",
-                        f"--batch_size={args.batch}", f"--steps={args.torch_steps}", "--repeats=2", "--augment=on",
-                        f"--json={out}"], check=True, timeout=3600)
-        torch_record = json.loads(out.read_text())
+    torch_record = _torch(args.models, None, args.batch, args.torch_steps, repeats=2)
     for r in torch_record["results"]:
         rows.append({"framework": f"PyTorch {torch_record['meta']['torch_version']}", "model": r["model"],
                      "mode": r["mode_label"], "passes_s": r["passes_s"], "mfu": None})
@@ -128,6 +130,20 @@ def main(argv=None):
         lines.append(f"| {model} | {ours['passes_s']:.1f} ({ours['mode']}) | {best['passes_s']:.1f} ({best['mode']}) | "
                      f"{summary[model]['ratio']:.2f}x | {ours32['passes_s']:.1f} ({ours32['mode']}) | "
                      f"{best32['passes_s']:.1f} ({best32['mode']}) | {summary[model]['ratio_float32']:.2f}x |")
+    if args.rounds > 0:
+        lines += ["", f"Head to head, alternating rounds per pair ({args.rounds} of each: ours, then PyTorch, then ours ...); "
+                  "ratio = median of the rounds' ratios:", "",
+                  "| model | pair | contrastood passes/s per round | PyTorch passes/s per round | ratios | median |",
+                  "|---|---|---|---|---|---:|"]
+        for model in args.models.split(","):
+            for pair, ours_key, theirs_key in [("best", "ours", "pytorch_best"),
+                                                ("float32", "ours_float32", "pytorch_best_float32")]:
+                r = _head_to_head(model, summary[model][ours_key], summary[model][theirs_key], args)
+                summary[model][f"head_to_head_{pair}"] = r
+                lines.append(f"| {model} | {pair}: {r['ours_mode']} against {r['pytorch_mode']} | "
+                             f"{', '.join(f'{v:.1f}' for v in r['ours'])} | {', '.join(f'{v:.1f}' for v in r['pytorch'])} | "
+                             f"{', '.join(f'{v:.2f}x' for v in r['ratios'])} | {r['median_ratio']:.2f}x |")
+                print(lines[-1], flush=True)
     lines += ["", "| framework | model | mode | passes/s | MFU |", "|---|---|---|---:|---:|"]
     for r in rows:
         mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -142,6 +158,35 @@ def main(argv=None):
                                                             "torch": torch_record["meta"]}, indent=2))
         (target / "vs_pytorch.md").write_text(text)
     return summary
+
+
+def _torch(models: str, modes: str | None, batch: int, steps: int, repeats: int) -> dict:
+    """benchmarks/torch_reference.py's record (augmentation on) from a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "torch.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), f"--models={models}",
+                        f"--batch_size={batch}", f"--steps={steps}", f"--repeats={repeats}", "--augment=on",
+                        f"--json={out}"] + ([f"--modes={modes}"] if modes else []), check=True, timeout=3600)
+        return json.loads(out.read_text())
+
+
+def _head_to_head(model: str, ours: dict, theirs: dict, args) -> dict:
+    """Alternating rounds of our row's step (compiled once) and PyTorch's mode, so both see the same drift."""
+    import train_throughput
+    from contrastood import perf
+
+    step = train_throughput.build_step(model, args.batch, ours["dtype"], True, 32,
+                                       dict(perf.CPU_CANDIDATES[ours["options"]]), ours["conv"])
+    mode = theirs["mode"].split("+")[0]
+    mine, pytorch = [], []
+    for _ in range(args.rounds):
+        seconds, step["state"] = train_throughput.time_steps(lambda s: step["compiled"](s, step["data"]),
+                                                             step["state"], 3, args.seconds)
+        mine.append(2 * args.batch / seconds)
+        pytorch.append(_torch(model, mode, args.batch, args.torch_steps, repeats=1)["results"][0]["passes_s"])
+    ratios = [a / b for a, b in zip(mine, pytorch)]
+    return {"model": model, "ours_mode": ours["mode"], "pytorch_mode": theirs["mode"], "ours": mine,
+            "pytorch": pytorch, "ratios": ratios, "median_ratio": float(sorted(ratios)[len(ratios) // 2])}
 
 
 if __name__ == "__main__":

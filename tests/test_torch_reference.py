@@ -180,7 +180,8 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     best rows' quotient."""
     script = SCRIPT.parent / "vs_pytorch.py"
     run = subprocess.run([sys.executable, str(script), "--models=resnet_tiny", "--batch=8", "--seconds=0.1",
-                          "--torch_steps=1", f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
+                          "--torch_steps=1", "--rounds=1", f"--out={tmp_path}"], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "vs_pytorch.json").read_text())
     rows = result["rows"]
@@ -206,3 +207,11 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     assert summary["pytorch_best"]["passes_s"] == max(r["passes_s"] for r in theirs)
     assert math.isclose(summary["ratio"], summary["ours"]["passes_s"] / summary["pytorch_best"]["passes_s"])
     assert "ratio to best" in (tmp_path / "vs_pytorch.md").read_text()
+    # Then each pair head to head: the same two modes in alternating rounds, the median of their ratios.
+    for pair, ours_key, theirs_key in [("best", "ours", "pytorch_best"),
+                                        ("float32", "ours_float32", "pytorch_best_float32")]:
+        rounds = summary[f"head_to_head_{pair}"]
+        assert (rounds["ours_mode"], rounds["pytorch_mode"]) == (summary[ours_key]["mode"], summary[theirs_key]["mode"])
+        assert len(rounds["ours"]) == len(rounds["pytorch"]) == 1 and min(rounds["ours"] + rounds["pytorch"]) > 0
+        assert rounds["median_ratio"] == pytest.approx(rounds["ours"][0] / rounds["pytorch"][0])
+    assert "Head to head, alternating rounds per pair (1 of each" in (tmp_path / "vs_pytorch.md").read_text()
