@@ -9,7 +9,9 @@ XLA's convolutions and with oneDNN's (model.conv, where the kernel builds), in f
 bfloat16 with oneDNN's where the CPU has bf16 hardware; then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
-in passes/s (views through forward + backward). One more contrastood row runs the default kernels and
+in passes/s (views through forward + backward). PyTorch runs twice: with glibc's malloc defaults, and
+with contrastood.host_memory's settings through GLIBC_TUNABLES (its CPU allocator faults its step
+buffers in afresh too); its best mode is the best of both. One more contrastood row runs the default kernels and
 option set in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
 contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
 denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 or 64 FLOP/cycle for
@@ -107,10 +109,12 @@ def main(argv=None):
                          "glibc malloc defaults (CONTRASTOOD_HOST_MALLOC=0)", "passes_s": r["passes_s"],
                          "mfu": r["mfu"], "host_malloc": False})
             print(json.dumps(rows[-1]), flush=True)
-    torch_record = _torch(args.models, None, args.batch, args.torch_steps, repeats=2)
-    for r in torch_record["results"]:
-        rows.append({"framework": f"PyTorch {torch_record['meta']['torch_version']}", "model": r["model"],
-                     "mode": r["mode_label"], "passes_s": r["passes_s"], "mfu": None})
+    for malloc in TORCH_MALLOC:
+        torch_record = _torch(args.models, None, args.batch, args.torch_steps, repeats=2, malloc=malloc)
+        for r in torch_record["results"]:
+            rows.append({"framework": f"PyTorch {torch_record['meta']['torch_version']}", "model": r["model"],
+                         "mode": r["mode_label"] + TORCH_MALLOC[malloc], "passes_s": r["passes_s"], "mfu": None,
+                         "torch_mode": r["mode_label"], "malloc": malloc})
     lines = [f"CPU: {identity['cpu']}, {identity['cores']} cores, {identity['isa']}; jax {jax.__version__}, "
              f"PyTorch {torch_record['meta']['torch_version']}; batch {args.batch}, full two-view step with the "
              f"augmentation; {time.strftime('%Y-%m-%d')}.", "",
@@ -160,13 +164,24 @@ def main(argv=None):
     return summary
 
 
-def _torch(models: str, modes: str | None, batch: int, steps: int, repeats: int) -> dict:
-    """benchmarks/torch_reference.py's record (augmentation on) from a fresh process."""
+# PyTorch's malloc settings -> the suffix of its rows' modes
+TORCH_MALLOC = {"glibc": "", "contrastood": ", malloc as contrastood's"}
+
+
+def _torch(models: str, modes: str | None, batch: int, steps: int, repeats: int, malloc: str) -> dict:
+    """benchmarks/torch_reference.py's record (augmentation on) from a fresh process whose glibc malloc keeps
+    its defaults (malloc="glibc") or takes contrastood.host_memory's settings ("contrastood")."""
+    from contrastood import host_memory
+
+    env = dict(os.environ)
+    if malloc == "contrastood":
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), host_memory.GLIBC_TUNABLES]))
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "torch.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), f"--models={models}",
                         f"--batch_size={batch}", f"--steps={steps}", f"--repeats={repeats}", "--augment=on",
-                        f"--json={out}"] + ([f"--modes={modes}"] if modes else []), check=True, timeout=3600)
+                        f"--json={out}"] + ([f"--modes={modes}"] if modes else []), check=True, timeout=3600,
+                       env=env)
         return json.loads(out.read_text())
 
 
@@ -177,13 +192,13 @@ def _head_to_head(model: str, ours: dict, theirs: dict, args) -> dict:
 
     step = train_throughput.build_step(model, args.batch, ours["dtype"], True, 32,
                                        dict(perf.CPU_CANDIDATES[ours["options"]]), ours["conv"])
-    mode = theirs["mode"].split("+")[0]
     mine, pytorch = [], []
     for _ in range(args.rounds):
         seconds, step["state"] = train_throughput.time_steps(lambda s: step["compiled"](s, step["data"]),
                                                              step["state"], 3, args.seconds)
         mine.append(2 * args.batch / seconds)
-        pytorch.append(_torch(model, mode, args.batch, args.torch_steps, repeats=1)["results"][0]["passes_s"])
+        pytorch.append(_torch(model, theirs["torch_mode"], args.batch, args.torch_steps, repeats=1,
+                              malloc=theirs["malloc"])["results"][0]["passes_s"])
     ratios = [a / b for a, b in zip(mine, pytorch)]
     return {"model": model, "ours_mode": ours["mode"], "pytorch_mode": theirs["mode"], "ours": mine,
             "pytorch": pytorch, "ratios": ratios, "median_ratio": float(sorted(ratios)[len(ratios) // 2])}

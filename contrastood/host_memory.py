@@ -45,6 +45,9 @@ ENV = "CONTRASTOOD_HOST_MALLOC"  # 0: leave glibc's malloc settings alone
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _NEVER_TRIM = -1  # mallopt(M_TRIM_THRESHOLD, -1): never give freed memory back (glibc's documented value)
+# The same three settings for another process, which reads them at its start (benchmarks/vs_pytorch.py gives
+# PyTorch the same malloc); 1 TiB of free memory before a trim is never, in practice.
+GLIBC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 
 # What configure() did in this process, and why (for the log and the tests).
 state = {"applied": False, "reason": "not called"}
