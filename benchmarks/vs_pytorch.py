@@ -11,9 +11,9 @@ benchmarks/torch_reference.py's same step (augmentation on the device too) in ev
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
 in passes/s (views through forward + backward). PyTorch runs twice: with glibc's malloc defaults, and
 with contrastood.host_memory's settings through GLIBC_TUNABLES (its CPU allocator faults its step
-buffers in afresh too); its best mode is the best of both. One more contrastood row runs the default kernels and
-option set in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to show what
-contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
+buffers in afresh too); its best mode is the best of both. One more contrastood row runs the default
+kernels and option set in a fresh process with glibc's malloc defaults (CONTRASTOOD_HOST_MALLOC=0), to
+show what contrastood.host_memory gains on this machine. Prints the CPU model and vector flags, the MFU
 denominator (a measured 1024^2 float32 matmul, beside cores x clock x 32 or 64 FLOP/cycle for
 reference), and the ratios: our best row against PyTorch's best mode, and our best float32 row
 against its best float32 mode.
