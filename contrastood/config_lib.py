@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Convolution kernels: auto = oneDNN's on CPU backends where it builds, else XLA's; onednn | xla force one
     # (see contrastood.onednn_conv). Parameters and checkpoints are the same either way.
     config.model.conv = "auto"
+    # BatchNorm: fused = contrastood.batch_norm's (flax's variables and results, a hand-written gradient with
+    # less memory traffic); flax = nn.BatchNorm itself.
+    config.model.norm = "fused"
 
     config.augment = ml_collections.ConfigDict()
     config.augment.crop_area = (0.08, 1.0)
@@ -188,6 +191,7 @@ def clp_member_config(config: ml_collections.ConfigDict, member: int, num_classe
     c.model.stem = config.model.stem
     c.model.dtype = config.model.dtype
     c.model.conv = config.model.get("conv", "auto")
+    c.model.norm = config.model.get("norm", "fused")
     t = c.train
     t.contrastive = False
     t.augmentation = "standard"
@@ -321,7 +325,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     `data_given`: the caller passes the training data as a Source (the CLP ensemble's union), so
     data.train only names it and is not parsed as a spec.
     """
-    from contrastood import augment, models, onednn_conv, train  # local: keeps config files importable without JAX
+    from contrastood import augment, batch_norm, models, onednn_conv, train  # local: keeps config files importable without JAX
     from contrastood.data import pipeline
     from contrastood.ood import scorers
 
@@ -331,6 +335,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
            f"model.dtype={config.model.dtype!r} is unknown; set --config.model.dtype to one of {sorted(models.DTYPES)}")
     _check(config.model.get("conv", "auto") in onednn_conv.IMPLS,
            f"model.conv={config.model.get('conv')!r} is unknown; set --config.model.conv to one of {onednn_conv.IMPLS}")
+    _check(config.model.get("norm", "fused") in batch_norm.IMPLS,
+           f"model.norm={config.model.get('norm')!r} is unknown; set --config.model.norm to one of {batch_norm.IMPLS}")
     _check(config.model.stem in models.STEMS,
            f"model.stem={config.model.stem!r} is unknown; set --config.model.stem to one of {models.STEMS}")
     _check(int(config.model.width) >= 1, "model.width must be an integer >= 1")

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastood import onednn_conv
+from contrastood import batch_norm, onednn_conv
 
 # Per-channel statistics of the CIFAR-10 training set (in [0, 1]): the default input standardisation.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -92,6 +92,7 @@ class ContrastiveResNet(nn.Module):
     mean: Sequence[float] = CIFAR_MEAN  # input standardisation, per channel, for images in [0, 1]
     std: Sequence[float] = CIFAR_STD
     conv_impl: str = "xla"  # xla | onednn (onednn_conv.resolve): kernels only, the parameters are the same
+    norm_impl: str = "fused"  # fused (batch_norm.BatchNorm) | flax (nn.BatchNorm): the same variables
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -101,8 +102,11 @@ class ContrastiveResNet(nn.Module):
                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                  conv_general_dilated=(onednn_conv.conv_general_dilated
                                                        if self.conv_impl == "onednn" else None))
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                                 epsilon=1e-5, dtype=self.dtype)
+        if self.norm_impl not in batch_norm.IMPLS:
+            raise ValueError(f"unknown model.norm {self.norm_impl!r}; choose one of {batch_norm.IMPLS}")
+        norm = functools.partial(batch_norm.BatchNorm if self.norm_impl == "fused" else nn.BatchNorm,
+                                 use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+                                 dtype=self.dtype)
         mean = jnp.asarray(self.mean, jnp.float32)
         std = jnp.asarray(self.std, jnp.float32)
         x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
@@ -159,7 +163,7 @@ def resolve_stem(stem: str, image_size: int) -> str:
 
 def create_model(model_config, num_classes: int, *, image_size: int = 32, mean: Sequence[float] = CIFAR_MEAN,
                  std: Sequence[float] = CIFAR_STD) -> ContrastiveResNet:
-    """Builds the model named in `config.model` (name, width, stem, proj_dim, proj_hidden_dim, dtype, conv)."""
+    """Builds the model named in `config.model` (name, width, stem, proj_dim, proj_hidden_dim, dtype, conv, norm)."""
     name = model_config.name
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model.name {name!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -179,6 +183,7 @@ def create_model(model_config, num_classes: int, *, image_size: int = 32, mean: 
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         conv_impl=onednn_conv.resolve(model_config.get("conv", "auto"), jax.default_backend()),
+        norm_impl=model_config.get("norm", "fused"),
     )
 
 

@@ -1,0 +1,108 @@
+"""BatchNorm with a hand-written gradient: flax's `nn.BatchNorm` variables and results, less memory traffic.
+
+Why: differentiating flax's BatchNorm makes XLA keep float32 intermediates of every activation
+((x - mean), its scaled copy, the ReLU mask's select) and run several full passes over each of them.
+In a bfloat16 ResNet-18 step on the 2-core AMD EPYC of results/cpu_speed, those fusions took about
+330 of the 420 ms a step spent outside the convolutions. Here the training forward keeps only its
+input (in the compute dtype) and two per-channel vectors, and the backward is one reduction pass
+(sum dy, sum dy * x_hat) and one elementwise pass, all fused by XLA on any backend.
+
+`BatchNorm` is a drop-in for `nn.BatchNorm(use_running_average=..., momentum=..., epsilon=...,
+dtype=...)`: the same parameters ('scale', 'bias'), the same batch statistics ('mean', 'var', updated
+as flax does: the biased batch variance E[x^2] - E[x]^2 in float32, clipped at 0), and the same
+normalisation, so checkpoints and results carry over. Under the global-view jit the batch statistics
+are global, as flax's are.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("fused", "flax")
+
+
+def _stats(x, axes):
+    """flax's statistics: the mean and the fast variance E[x^2] - E[x]^2, in float32, clipped at 0.
+
+    The barrier keeps XLA:CPU from fusing the two sums into one multi-output loop, which ran 4.4 ms
+    against 0.8 ms for two separate (YNNPACK) reductions of a [256, 32, 32, 64] bfloat16 activation."""
+    mean = jnp.mean(x.astype(jnp.float32), axes)
+    mean_square = jnp.mean(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)), axes)
+    return mean, jnp.maximum(mean_square - jnp.square(mean), 0.0)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+    """flax's normalisation, in float32: (x - mean) * (rsqrt(var + eps) * scale) + bias."""
+    y = x.astype(jnp.float32) - mean
+    y = y * (jax.lax.rsqrt(var + epsilon) * scale)
+    return (y + bias).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def train_batch_norm(x, scale, bias, epsilon: float, dtype):
+    """(normalised x with the batch's statistics, batch mean, batch variance), reducing all but the last axis."""
+    out, _ = _train_forward(x, scale, bias, epsilon, dtype)
+    return out
+
+
+def _train_forward(x, scale, bias, epsilon, dtype):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = _stats(x, axes)
+    y = _normalize(x, mean, var, scale, bias, epsilon, dtype)
+    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
+
+
+def _train_backward(epsilon, dtype, residuals, cotangents):
+    """dx = scale * inv * (dy - mean(dy) - x_hat * mean(dy * x_hat)), with x_hat = (x - mean) * inv.
+
+    One pass reduces sum(dy) and sum(dy * x) (sum(dy * x_hat) = inv * (sum(dy * x) - mean * sum(dy)):
+    the same cancellation as the fast variance, and a centred x inside the reduction ran 10.3 against
+    5.9 ms), and one elementwise pass makes dx. The barriers keep XLA:CPU from fusing the passes into
+    slower multi-output loops or recomputing dy's producers (the ReLU mask) in each of them: 8.0
+    against 13.1 ms for the backward of a [256, 32, 32, 64] bfloat16 BatchNorm behind a ReLU."""
+    barrier = jax.lax.optimization_barrier
+    x, mean, inv, scale = residuals
+    x, dy = barrier((x, cotangents[0]))  # the statistics feed only the running averages: zero cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    dbias = jnp.sum(dy.astype(jnp.float32), axes)
+    x_, dy_ = barrier((x, dy))
+    dscale = inv * (jnp.sum(dy_.astype(jnp.float32) * x_.astype(jnp.float32), axes) - mean * dbias)
+    x, dy, dbias, dscale = barrier((x, dy, dbias, dscale))
+    x_hat = (x.astype(jnp.float32) - mean) * inv
+    dx = (scale * inv) * (dy.astype(jnp.float32) - (dbias / count + x_hat * (dscale / count)))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+train_batch_norm.defvjp(_train_forward, _train_backward)
+
+
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm` over the last axis, with `train_batch_norm`'s gradient (see the module docstring)."""
+
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        dtype = self.dtype or x.dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        if self.use_running_average:
+            return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
+        y, mean, var = train_batch_norm(x, scale, bias, self.epsilon, dtype)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+        return y
