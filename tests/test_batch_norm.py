@@ -1,4 +1,4 @@
-"""contrastood.batch_norm against flax's nn.BatchNorm: variables, outputs, statistics and gradients."""
+"""contrastood.batch_norm against flax's nn.BatchNorm and jax.nn.relu: variables, outputs, statistics and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,3 +118,13 @@ def test_validate_config_names_the_override_for_an_unknown_norm():
     config.model.norm = "layer"
     with pytest.raises(ValueError, match=r"set --config.model.norm to one of \('fused', 'flax'\)"):
         config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_has_jax_relus_values_and_gradient(dtype):
+    x = jnp.asarray(np.concatenate([np.random.default_rng(5).normal(size=61), [0.0, -0.0, 1e-30]]), dtype)
+    g = jnp.asarray(np.random.default_rng(6).normal(size=64), dtype)
+    y, vjp = jax.vjp(batch_norm.relu, x)
+    want_y, want_vjp = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32), np.asarray(want_vjp(g)[0], np.float32))
