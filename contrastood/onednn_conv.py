@@ -10,8 +10,8 @@ by a custom VJP.
 - They are partitioned like a batch-parallel op (`custom_partitioning`): under the global-view jit
   each device convolves its batch shard, and the weight gradient is summed over the batch axes, so
   no activation is ever gathered.
-- The kernel is compiled once per source, jaxlib and libdnnl (a few seconds, with the system's C++
-  compiler) into the cache directory that `perf` uses, under a file lock for parallel workers.
+- The kernel is compiled once per source, jaxlib and libdnnl (`contrastood.native`: a few seconds,
+  with the system's C++ compiler, into the cache directory that `perf` uses, under a file lock).
 - It is loaded from the `onednn-cpu-gomp` wheel (a setup.py dependency on Linux x86-64), or from
   `CONTRASTOOD_ONEDNN_LIBRARY`.
 
@@ -25,19 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import functools
 import glob
-import hashlib
 import logging
 import os
-import pathlib
 import re
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +40,9 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from contrastood import perf
+from contrastood import native, perf
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "kernels" / "onednn_conv.cc"
+SOURCE = native.KERNELS / "onednn_conv.cc"
 IMPLS = ("auto", "xla", "onednn")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
 CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
@@ -72,40 +66,10 @@ def find_library() -> str | None:
 
 def _build(library: str) -> str:
     """Compiles the kernel against `library` (once; later calls find it in the cache) and returns its path."""
-    import jaxlib
-
-    wanted = os.environ.get("CXX") or "g++"
-    compiler = shutil.which(wanted) or (None if os.environ.get("CXX") else shutil.which("c++"))
-    if not compiler:
-        raise RuntimeError(f"no C++ compiler ({wanted}) found to build the oneDNN convolution kernel; "
-                           "install g++ or point CXX at one")
     library = os.path.realpath(library)
-    stat = os.stat(library)
-    digest = hashlib.sha256(b"|".join([
-        SOURCE.read_bytes(), jaxlib.__version__.encode(), library.encode(), str(stat.st_size).encode(),
-        compiler.encode()])).hexdigest()[:16]
-    out_dir = os.path.join(perf.cache_root(), "kernels")
-    out = os.path.join(out_dir, f"onednn_conv-{digest}.so")
-    if os.path.exists(out):
-        return out
-    os.makedirs(out_dir, exist_ok=True)
-    with open(out + ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: one builds, the others wait and load it
-        if os.path.exists(out):
-            return out
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so")
-        os.close(fd)
-        libdir, name = os.path.split(library)
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type",
-                   f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, f"-L{libdir}", f"-l:{name}",
-                   f"-Wl,-rpath,{libdir}"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"building the oneDNN convolution kernel failed ({' '.join(command)}):\n"
-                               f"{result.stderr[-2000:]}")
-        os.replace(tmp, out)  # atomic: a reader never sees half a library
-    return out
+    libdir, name = os.path.split(library)
+    return native.build(SOURCE, [f"-L{libdir}", f"-l:{name}", f"-Wl,-rpath,{libdir}"],
+                        [library.encode(), str(os.stat(library).st_size).encode()])
 
 
 @functools.cache
@@ -146,7 +110,7 @@ def threads_per_call(devices: int, cores: int, environ=os.environ) -> int:
     return max(1, cores // devices)
 
 
-def _threads(mesh) -> int:
+def threads_for_mesh(mesh) -> int:
     """threads_per_call for a call partitioned over `mesh`: its devices in this process run at once."""
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     return threads_per_call(local, _cores())
@@ -228,7 +192,7 @@ def _partitioned(target: str, rule: str, sums_batch: bool):
     def partition(shape, strides, padding, mesh, arg_shapes, result_shape):
         batch = _batch_spec(arg_shapes[0].sharding)
         local = tuple(shape) if sums_batch else (shape[0] // _shards(mesh, batch),) + tuple(shape[1:])
-        threads = _threads(mesh)
+        threads = threads_for_mesh(mesh)
 
         def lower(a, b):
             out = _call(target, local, a.dtype, a, b, strides, padding, threads)
