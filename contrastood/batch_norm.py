@@ -4,8 +4,9 @@ Why: differentiating flax's BatchNorm makes XLA keep float32 intermediates of ev
 ((x - mean), its scaled copy, the ReLU mask's select) and run several full passes over each of them.
 In a bfloat16 ResNet-18 step on the 2-core AMD EPYC of results/cpu_speed, those fusions took about
 330 of the 420 ms a step spent outside the convolutions. Here the training forward keeps only its
-input (in the compute dtype) and two per-channel vectors, and the backward is one reduction pass
-(sum dy, sum dy * x_hat) and one elementwise pass, all fused by XLA on any backend.
+input (in the compute dtype) and two per-channel vectors; the statistics are one pass over the input
+and the backward one reduction pass (sum dy, sum dy * x) and one elementwise pass. The sums are
+contrastood.channel_sums' (a one-pass kernel on CPU backends, jnp elsewhere); the rest XLA fuses.
 
 `BatchNorm` is a drop-in for `nn.BatchNorm(use_running_average=..., momentum=..., epsilon=...,
 dtype=...)`: the same parameters ('scale', 'bias'), the same batch statistics ('mean', 'var', updated
@@ -22,17 +23,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from contrastood import channel_sums
+
 IMPLS = ("fused", "flax")
 
 
-def _stats(x, axes):
-    """flax's statistics: the mean and the fast variance E[x^2] - E[x]^2, in float32, clipped at 0.
-
-    The barrier keeps XLA:CPU from fusing the two sums into one multi-output loop, which ran 4.4 ms
-    against 0.8 ms for two separate (YNNPACK) reductions of a [256, 32, 32, 64] bfloat16 activation."""
-    mean = jnp.mean(x.astype(jnp.float32), axes)
-    mean_square = jnp.mean(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)), axes)
-    return mean, jnp.maximum(mean_square - jnp.square(mean), 0.0)
+def _stats(x):
+    """flax's statistics over all axes but the last: the mean and the fast variance E[x^2] - E[x]^2, in
+    float32, clipped at 0 (channel_sums: one pass over x on CPU backends)."""
+    count = x.size // x.shape[-1]
+    total, total_square = channel_sums.moments(x)
+    mean = total / count
+    return mean, jnp.maximum(total_square / count - jnp.square(mean), 0.0)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, dtype):
@@ -50,8 +52,7 @@ def train_batch_norm(x, scale, bias, epsilon: float, dtype):
 
 
 def _train_forward(x, scale, bias, epsilon, dtype):
-    axes = tuple(range(x.ndim - 1))
-    mean, var = _stats(x, axes)
+    mean, var = _stats(x)
     y = _normalize(x, mean, var, scale, bias, epsilon, dtype)
     return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
@@ -59,19 +60,15 @@ def _train_forward(x, scale, bias, epsilon, dtype):
 def _train_backward(epsilon, dtype, residuals, cotangents):
     """dx = scale * inv * (dy - mean(dy) - x_hat * mean(dy * x_hat)), with x_hat = (x - mean) * inv.
 
-    One pass reduces sum(dy) and sum(dy * x) (sum(dy * x_hat) = inv * (sum(dy * x) - mean * sum(dy)):
-    the same cancellation as the fast variance, and a centred x inside the reduction ran 10.3 against
-    5.9 ms), and one elementwise pass makes dx. The barriers keep XLA:CPU from fusing the passes into
-    slower multi-output loops or recomputing dy's producers (the ReLU mask) in each of them: 8.0
-    against 13.1 ms for the backward of a [256, 32, 32, 64] bfloat16 BatchNorm behind a ReLU."""
+    One pass sums dy and dy * x (channel_sums.dots; sum(dy * x_hat) = inv * (sum(dy * x) - mean * sum(dy)),
+    the same cancellation as the fast variance), and one elementwise pass makes dx. The barriers keep XLA
+    from fusing dy's producers (the ReLU mask) into both passes."""
     barrier = jax.lax.optimization_barrier
     x, mean, inv, scale = residuals
     x, dy = barrier((x, cotangents[0]))  # the statistics feed only the running averages: zero cotangents
-    axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
-    dbias = jnp.sum(dy.astype(jnp.float32), axes)
-    x_, dy_ = barrier((x, dy))
-    dscale = inv * (jnp.sum(dy_.astype(jnp.float32) * x_.astype(jnp.float32), axes) - mean * dbias)
+    dbias, dy_x = channel_sums.dots(x, dy)
+    dscale = inv * (dy_x - mean * dbias)
     x, dy, dbias, dscale = barrier((x, dy, dbias, dscale))
     x_hat = (x.astype(jnp.float32) - mean) * inv
     dx = (scale * inv) * (dy.astype(jnp.float32) - (dbias / count + x_hat * (dscale / count)))

@@ -31,9 +31,10 @@ def test_matches_flax_batch_norm_in_training(shape, dtype, tol):
     x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, shape), dtype)
     want, got = _run(nn.BatchNorm, x, dtype), _run(batch_norm.BatchNorm, x, dtype)
     assert got[0].dtype == want[0].dtype == dtype
-    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+    y, want_y = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol * np.abs(want_y).max())
     for name in ("mean", "var"):  # the running averages
-        np.testing.assert_allclose(got[1][name], want[1][name], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got[1][name], want[1][name], rtol=1e-5, atol=1e-6)
     (dparams, dx), (want_dparams, want_dx) = got[2], want[2]
     assert dx.dtype == dtype and dparams["scale"].dtype == jnp.float32
     for a, b in ((dparams["scale"], want_dparams["scale"]), (dparams["bias"], want_dparams["bias"]), (dx, want_dx)):
