@@ -57,7 +57,7 @@ def _partitioned(name: str, operands: int):
         return (NamedSharding(mesh, P()),) * 2
 
     def partition(mesh, arg_shapes, result_shape):
-        batch = onednn_conv._batch_spec(arg_shapes[0].sharding)
+        batch = onednn_conv.batch_spec(arg_shapes[0].sharding)
         threads = onednn_conv.threads_for_mesh(mesh)
 
         def lower(*args):

@@ -154,7 +154,8 @@ def resolve(impl: str, backend: str) -> str:
 
 # --- The three convolutions, each partitioned over the batch (leading) dimension. ---
 
-def _batch_spec(sharding):
+def batch_spec(sharding):
+    """The mesh axes a sharding splits the leading (batch) dimension over; None if it is not split."""
     spec = getattr(sharding, "spec", None)
     return spec[0] if spec is not None and len(spec) else None
 
@@ -187,10 +188,10 @@ def _partitioned(target: str, rule: str, sums_batch: bool):
         return _call(target, shape, a.dtype, a, b, strides, padding)
 
     def infer(shape, strides, padding, mesh, arg_shapes, result_shape):
-        return NamedSharding(mesh, P() if sums_batch else P(_batch_spec(arg_shapes[0].sharding)))
+        return NamedSharding(mesh, P() if sums_batch else P(batch_spec(arg_shapes[0].sharding)))
 
     def partition(shape, strides, padding, mesh, arg_shapes, result_shape):
-        batch = _batch_spec(arg_shapes[0].sharding)
+        batch = batch_spec(arg_shapes[0].sharding)
         local = tuple(shape) if sums_batch else (shape[0] // _shards(mesh, batch),) + tuple(shape[1:])
         threads = threads_for_mesh(mesh)
 

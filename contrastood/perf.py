@@ -103,7 +103,8 @@ def workload(config, num_devices: int) -> str:
     conv = onednn_conv.resolve(config.model.get("conv", "auto"), jax.default_backend())
     return (f"{config.model.name}-x{config.model.width}-{config.model.dtype}-{config.data.image_size}px-"
             f"b{config.train.batch_size // max(num_devices, 1)}x{num_devices}-"
-            f"{'contrastive' if config.train.contrastive else 'supervised'}-conv_{conv}")
+            f"{'contrastive' if config.train.contrastive else 'supervised'}-norm_{config.model.get('norm', 'fused')}-"
+            f"conv_{conv}")
 
 
 def tuning_active() -> bool:
