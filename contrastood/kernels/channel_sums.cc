@@ -22,6 +22,10 @@ namespace ffi = xla::ffi;
 
 constexpr int64_t kBlockRows = 64;
 
+// OpenMP's default team, read when the library loads. threads = 0 means this, not the calling thread's current
+// setting: the oneDNN convolutions set that per call (a device's share of the cores) on the same XLA threads.
+const int kDefaultTeam = omp_get_max_threads();
+
 inline float Value(const float* p, int64_t i) { return p[i]; }
 inline float Value(const uint16_t* p, int64_t i) {  // bfloat16: the high half of a float32
   uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
@@ -65,7 +69,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void SumRows(
 
 template <typename T, bool kDots>
 void Sums(const void* x, const void* dy, int64_t rows, int64_t c, int64_t threads, float* first, float* second) {
-  const int team = threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
+  const int team = threads > 0 ? static_cast<int>(threads) : kDefaultTeam;
   const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(team, rows / kBlockRows)));
   std::vector<double> totals(2 * c * used, 0.0);
 #pragma omp parallel num_threads(used)
