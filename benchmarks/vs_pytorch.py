@@ -5,8 +5,8 @@ r"""contrastood's train step against PyTorch's best CPU mode, side by side in on
 
 For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
 augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, with
-XLA's convolutions and with oneDNN's (model.conv, where the kernel builds), in float32, and in
-bfloat16 with oneDNN's where the CPU has bf16 hardware; then
+XLA's convolutions, with oneDNN's direct ones and with Winograd's (model.conv, where the kernel
+builds), in float32, and in bfloat16 with oneDNN's where the CPU has bf16 hardware; then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
 in passes/s (views through forward + backward). PyTorch runs twice: with glibc's malloc defaults, and
@@ -88,7 +88,7 @@ def main(argv=None):
           + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
              f"{int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s, x 64 (two 512-bit) = "
              f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else ""), flush=True)
-    convs = ["xla"] + (["onednn"] if onednn_conv.load() is None else [])
+    convs = ["xla"] + (["onednn", "winograd"] if onednn_conv.load() is None else [])
     bf16 = perf.cpu_has_bf16()
     print(f"convolution kernels: {', '.join(convs)}"
           + ("" if "onednn" in convs else f" (oneDNN: {onednn_conv.load()})")

@@ -91,7 +91,7 @@ class ContrastiveResNet(nn.Module):
     stem: str = "cifar"  # cifar | imagenet
     mean: Sequence[float] = CIFAR_MEAN  # input standardisation, per channel, for images in [0, 1]
     std: Sequence[float] = CIFAR_STD
-    conv_impl: str = "xla"  # xla | onednn (onednn_conv.resolve): kernels only, the parameters are the same
+    conv_impl: str = "xla"  # xla | onednn | winograd (onednn_conv.resolve): kernels only, the parameters are the same
     norm_impl: str = "fused"  # fused (batch_norm.BatchNorm) | flax (nn.BatchNorm): the same variables
 
     @nn.compact
@@ -100,8 +100,10 @@ class ContrastiveResNet(nn.Module):
             raise ValueError(f"expected float images [B, H, W, 3], got shape {images.shape}")
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME",
                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                                 conv_general_dilated=(onednn_conv.conv_general_dilated
-                                                       if self.conv_impl == "onednn" else None))
+                                 conv_general_dilated=(
+                                     None if self.conv_impl == "xla" else
+                                     functools.partial(onednn_conv.conv_general_dilated,
+                                                       winograd=self.conv_impl == "winograd")))
         if self.norm_impl not in batch_norm.IMPLS:
             raise ValueError(f"unknown model.norm {self.norm_impl!r}; choose one of {batch_norm.IMPLS}")
         norm = functools.partial(batch_norm.BatchNorm if self.norm_impl == "fused" else nn.BatchNorm,

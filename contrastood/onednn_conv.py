@@ -15,11 +15,18 @@ by a custom VJP.
 - It is loaded from the `onednn-cpu-gomp` wheel (a setup.py dependency on Linux x86-64), or from
   `CONTRASTOOD_ONEDNN_LIBRARY`.
 
-`model.conv` chooses: "auto" takes oneDNN on a CPU backend where the kernel builds, and XLA
-everywhere else (GPU, TPU, or a machine without a compiler), and logs which one and why. "onednn"
-fails fast when it cannot load, naming the fix. "xla" always uses `lax.conv_general_dilated`.
-Anything the kernel does not cover (dilation, groups, other layouts or dtypes) also falls back to
-XLA, per call, so the choice never changes a model's results beyond float rounding.
+Winograd F(4x4, 3x3) (`winograd_conv3x3`, the same kernel library): the 3x3 stride-1 float32 layers
+of 64 channels or more, which carry most of a ResNet's FLOPs, with 4x fewer multiplications (input
+and output transforms in C++, the 36 products over channels as one batched oneDNN matmul). oneDNN
+3.x has only direct x64 convolutions, which ran level with PyTorch's; this ran ResNet-18's float32
+step 1.66x faster than them (results/README.md), within about 1e-5 of the output's scale.
+
+`model.conv` chooses: "auto" takes Winograd where it applies and oneDNN's direct kernels for the other
+layers on a CPU backend where the kernel builds, and XLA everywhere else (GPU, TPU, or a machine
+without a compiler), and logs which one and why. "winograd" and "onednn" (direct kernels only) fail
+fast when they cannot load, naming the fix. "xla" always uses `lax.conv_general_dilated`. Anything
+the kernels do not cover (dilation, groups, other layouts or dtypes) also falls back to XLA, per
+call, so the choice never changes a model's results beyond float rounding.
 """
 from __future__ import annotations
 
@@ -43,10 +50,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from contrastood import native, perf
 
 SOURCE = native.KERNELS / "onednn_conv.cc"
-IMPLS = ("auto", "xla", "onednn")
+IMPLS = ("auto", "xla", "onednn", "winograd")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
 CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
-_TARGETS = ("Forward", "BackwardData", "BackwardWeights")
+_TARGETS = ("Forward", "BackwardData", "BackwardWeights", "WinoForward", "WinoBackwardWeights")
 _FIX = ("install the onednn-cpu-gomp wheel (pip install onednn-cpu-gomp) and a C++ compiler (g++), "
         "or set --config.model.conv=xla")
 
@@ -68,7 +75,7 @@ def _build(library: str) -> str:
     """Compiles the kernel against `library` (once; later calls find it in the cache) and returns its path."""
     library = os.path.realpath(library)
     libdir, name = os.path.split(library)
-    return native.build(SOURCE, [f"-L{libdir}", f"-l:{name}", f"-Wl,-rpath,{libdir}"],
+    return native.build(SOURCE, ["-O3", "-fopenmp", f"-L{libdir}", f"-l:{name}", f"-Wl,-rpath,{libdir}"],
                         [library.encode(), str(os.stat(library).st_size).encode()])
 
 
@@ -132,22 +139,24 @@ def version() -> str:
 
 @functools.cache
 def resolve(impl: str, backend: str) -> str:
-    """'xla' or 'onednn' for model.conv=`impl` on `backend`; logs the choice once per process."""
+    """'xla', 'onednn' or 'winograd' for model.conv=`impl` on `backend`; logs the choice once per process."""
     if impl not in IMPLS:
         raise ValueError(f"unknown model.conv {impl!r}; choose one of {IMPLS}")
     if impl == "xla":
         return "xla"
     if backend != "cpu":
-        if impl == "onednn":
-            raise ValueError(f"model.conv=onednn runs on CPU backends only (this one is {backend}); "
+        if impl in ("onednn", "winograd"):
+            raise ValueError(f"model.conv={impl} runs on CPU backends only (this one is {backend}); "
                              "set --config.model.conv=auto or xla")
         return "xla"
     problem = load()
     if problem is None:
-        logging.info("convolutions: oneDNN %s (model.conv=%s)", version(), impl)
-        return "onednn"
-    if impl == "onednn":
-        raise RuntimeError(f"model.conv=onednn, but the oneDNN kernel is unavailable: {problem}")
+        chosen = "onednn" if impl == "onednn" else "winograd"
+        logging.info("convolutions: oneDNN %s, %s (model.conv=%s)", version(),
+                     "direct" if chosen == "onednn" else "Winograd F(4x4,3x3) where it applies, else direct", impl)
+        return chosen
+    if impl in ("onednn", "winograd"):
+        raise RuntimeError(f"model.conv={impl}, but the oneDNN kernel is unavailable: {problem}")
     logging.warning("convolutions: XLA's, because %s", problem)
     return "xla"
 
@@ -211,6 +220,8 @@ def _partitioned(target: str, rule: str, sums_batch: bool):
 _forward = _partitioned("Forward", "n h w c, i j c o -> n p q o", sums_batch=False)
 _backward_data = _partitioned("BackwardData", "n p q o, i j c o -> n h w c", sums_batch=False)
 _backward_weights = _partitioned("BackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
+_wino_forward = _partitioned("WinoForward", "n h w c, t c o -> n h w o", sums_batch=False)
+_wino_backward_weights = _partitioned("WinoBackwardWeights", "n h w c, n h w o -> t c o", sums_batch=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -236,6 +247,63 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
 
+# --- Winograd F(4x4, 3x3) (Lavin & Gray 2016) for 3x3, stride-1, pad-1 float32 layers. ---
+# y = A^T [(G g G^T) . (B^T d B)] A per 4x4 output tile; the kernel does B^T d B, the 36 products over
+# channels and A^T m A (kernels/onednn_conv.cc); the weight transforms, [3,3,c,o] <-> [36,c,o], are here.
+_WINO_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32)
+_SAME_3X3 = ((1, 1), (1, 1, 1, 1))
+# Narrower layers stay direct: their [tiles, c] x [c, o] products are too thin to pay for the transforms. On
+# the 2-core Xeon of results/cpu_speed (batch 256, forward + both gradients, ms): 16 channels at 32x32 25.6
+# direct against 53.8, 32 at 16x16 16.7 against 21.8, 64 at 8x8 22.7 against 15.8, 64 at 16x16 67 against 41.
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd_supports(x, w, strides, padding) -> bool:
+    """Whether `winograd_conv3x3` computes this conv_nhwc call (else the direct oneDNN kernel does)."""
+    return (x.dtype == jnp.float32 and tuple(w.shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+            and tuple(padding) == (1, 1, 1, 1) and x.shape[1] % 4 == 0 and x.shape[2] % 4 == 0
+            and w.shape[2] % 16 == 0 and w.shape[3] % 16 == 0
+            and min(w.shape[2], w.shape[3]) >= WINOGRAD_MIN_CHANNELS)
+
+
+def _points(matrix: np.ndarray, t, axis: int):
+    """matrix @ t along `axis`, written out as sums of scaled slices (XLA fuses them into one pass; as an
+    einsum the [3,3,512,512] weight transform took 71 ms on a 2-core Xeon, a copy of it takes a few)."""
+    rows = [sum(float(m) * lax.index_in_dim(t, i, axis, keepdims=False) for i, m in enumerate(row) if m)
+            for row in matrix]
+    return jnp.stack(rows, axis)
+
+
+def _wino_weights(w):
+    """[3, 3, c, o] -> G w G^T, [36, c, o]."""
+    return _points(_WINO_G, _points(_WINO_G, w, 0), 1).reshape(36, *w.shape[2:])
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x, w):
+    """conv_nhwc(x, w, (1, 1), (1, 1, 1, 1)) by Winograd F(4x4, 3x3): float32 NHWC, height and width % 4 == 0,
+    channels in and out % 16 == 0 (`winograd_supports`).
+
+    Same values up to float32 rounding (about 1e-5 of the output's scale, tests/test_onednn_conv.py)."""
+    return _wino_forward(x, _wino_weights(w), x.shape[:3] + w.shape[3:], *_SAME_3X3)
+
+
+def _wino_fwd(x, w):
+    return winograd_conv3x3(x, w), (x, w)
+
+
+def _wino_bwd(residuals, dy):
+    x, w = residuals
+    dy = dy.astype(x.dtype)
+    flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # backward-data of a stride-1 SAME 3x3 conv is this conv
+    dx = _wino_forward(dy, _wino_weights(flipped), x.shape, *_SAME_3X3)
+    du = _wino_backward_weights(x, dy, (36,) + w.shape[2:], *_SAME_3X3).reshape(6, 6, *w.shape[2:])
+    return dx, _points(_WINO_G.T, _points(_WINO_G.T, du, 0), 1)  # G^T du G
+
+
+winograd_conv3x3.defvjp(_wino_fwd, _wino_bwd)
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -252,8 +320,10 @@ def supports(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_num
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
-    """`lax.conv_general_dilated`'s signature; oneDNN where `supports`, else lax itself."""
+                         preferred_element_type=None, *, winograd: bool = False):
+    """`lax.conv_general_dilated`'s signature; oneDNN where `supports`, else lax itself.
+
+    winograd: 3x3 stride-1 SAME float32 layers by `winograd_conv3x3` (model.conv=winograd)."""
     problem = load()  # registers the FFI targets (once per process)
     if problem is not None:
         raise RuntimeError(f"the oneDNN convolution kernel is unavailable: {problem}")
@@ -269,7 +339,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type)
-    return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), (int(top), int(bottom), int(left), int(right)))
+    strides, pads = tuple(int(s) for s in window_strides), (int(top), int(bottom), int(left), int(right))
+    if winograd and winograd_supports(lhs, rhs, strides, pads):
+        return winograd_conv3x3(lhs, rhs)
+    return conv_nhwc(lhs, rhs, strides, pads)
 
 
 _HLO_CALL = re.compile(r"= (?:f32|bf16)\[([\d,]*)\]\S* custom-call\([^)]*\), "
@@ -292,7 +365,8 @@ def hlo_flops(hlo_text: str) -> float:
     """FLOPs of the oneDNN convolutions in a compiled module's text (XLA's cost analysis counts none).
 
     Forward, backward-data and backward-weights each multiply-add every kernel tap that lands inside
-    the input once per (image, input channel, output channel): the count XLA gives its own convolutions."""
+    the input once per (image, input channel, output channel): the count XLA gives its own convolutions.
+    Winograd calls count as the direct convolutions they replace (model FLOPs), not their 4x fewer."""
     total = 0.0
     for out, target, a, b, padding, strides in _HLO_CALL.findall(hlo_text):
         out, a, b = ([int(d) for d in s.split(",") if d] for s in (out, a, b))
@@ -300,6 +374,10 @@ def hlo_flops(hlo_text: str) -> float:
         sh, sw = _dense(strides, 2)
         if target == "Forward":  # x [n,h,w,c], w [kh,kw,c,o] -> y [n,p,q,o]
             x, w, y = a, b, out
+        elif target == "WinoForward":  # x, u [36,c,o] -> y: counted as the 3x3 convolution it computes
+            x, w, y = a, [3, 3, b[1], b[2]], out
+        elif target == "WinoBackwardWeights":  # x, dy -> du [36,c,o]
+            x, w, y = a, [3, 3, out[1], out[2]], b
         elif target == "BackwardData":  # dy, w -> dx
             x, w, y = out, b, a
         else:  # x, dy -> dw

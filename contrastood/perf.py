@@ -59,7 +59,7 @@ CPU_COMPILER_OPTIONS = CPU_CANDIDATES["ynn_reduce_eltwise"]  # the choice on the
 # With oneDNN's convolutions (model.conv, contrastood.onednn_conv) there are no weight-gradient transposes
 # left to avoid, and YNNPACK's elementwise fusions make XLA materialise every BatchNorm broadcast: on the
 # AMD EPYC of results/cpu_speed XLA's defaults ran ResNet-18's step at 44.6 against 35.3 passes/s.
-DEFAULT_CANDIDATE = {"xla": "ynn_reduce_eltwise", "onednn": "xla_defaults"}
+DEFAULT_CANDIDATE = {"xla": "ynn_reduce_eltwise", "onednn": "xla_defaults", "winograd": "xla_defaults"}
 DISABLE_ENV = "CONTRASTOOD_XLA_CPU_TUNING"  # 0: XLA's defaults; 1 (default): the cached measured choice
 OPTIONS_ENV = "CONTRASTOOD_XLA_CPU_OPTIONS"  # a name of CPU_CANDIDATES: use it, measure nothing
 CACHE_ENV = "CONTRASTOOD_CACHE_DIR"  # where the per-CPU choice is kept (default ~/.cache/contrastood)

@@ -1,5 +1,7 @@
-"""oneDNN convolutions (contrastood.onednn_conv) against lax.conv_general_dilated: values, gradients,
-sharding over 8 devices, fall-backs, the FLOP count, the kernel cache and the choice of kernels."""
+"""oneDNN convolutions (contrastood.onednn_conv), direct and Winograd, against lax.conv_general_dilated:
+values, gradients, sharding over 8 devices, fall-backs, the FLOP count, the kernel cache and the choice
+of kernels."""
+import functools
 import json
 import os
 import subprocess
@@ -141,7 +143,8 @@ def test_the_model_has_the_same_parameters_and_outputs_with_either_kernel():
     config = base_config()
     config.model.name, config.model.width, config.model.proj_dim = "resnet_tiny", 1, 16
     outputs, params = {}, {}
-    for conv in ("xla", "onednn"):
+    config.model.width = 4  # 64-256 channels: the last two stages' 3x3 layers are Winograd's under "winograd"
+    for conv in ("xla", "onednn", "winograd"):
         config.model.conv = conv
         model = models.create_model(config.model, 10, image_size=16)
         assert model.conv_impl == conv
@@ -158,9 +161,11 @@ def test_the_model_has_the_same_parameters_and_outputs_with_either_kernel():
     assert jax.tree.structure(params["xla"]) == jax.tree.structure(params["onednn"])
     for a, b in zip(jax.tree.leaves(params["xla"]), jax.tree.leaves(params["onednn"])):
         np.testing.assert_array_equal(a, b)  # same initialisation: checkpoints move between kernels
-    for a, b in zip(jax.tree.leaves(outputs["xla"]), jax.tree.leaves(outputs["onednn"])):
-        scale = max(1.0, float(np.abs(np.asarray(a)).max()))
-        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, rtol=1e-4, atol=1e-4)
+    for conv in ("onednn", "winograd"):
+        for a, b in zip(jax.tree.leaves(outputs["xla"]), jax.tree.leaves(outputs[conv])):
+            scale = max(1.0, float(np.abs(np.asarray(a)).max()))
+            np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, rtol=1e-4, atol=1e-4,
+                                       err_msg=conv)
 
 
 def test_without_a_measured_choice_onednn_steps_get_xlas_default_options(monkeypatch, tmp_path):
@@ -169,19 +174,24 @@ def test_without_a_measured_choice_onednn_steps_get_xlas_default_options(monkeyp
     assert perf.compiler_options("some-workload", "onednn") == perf.CPU_CANDIDATES["xla_defaults"] == {}
     assert perf.compiler_options("some-workload", "xla") == perf.CPU_COMPILER_OPTIONS
     config = base_config()
-    assert perf.workload(config, 8).endswith("-norm_fused-conv_onednn")  # both change which options are fastest
+    assert perf.compiler_options("some-workload", "winograd") == {}
+    assert perf.workload(config, 8).endswith("-norm_fused-conv_winograd")  # both change which options are fastest
     config.model.conv = "xla"
     assert perf.workload(config, 8).endswith("-conv_xla")
 
 
 def test_choice_of_kernels_and_its_errors():
     assert onednn_conv.resolve("xla", "cpu") == "xla"
-    assert onednn_conv.resolve("auto", "cpu") == "onednn"
+    assert onednn_conv.resolve("auto", "cpu") == "winograd"  # Winograd where it applies, direct elsewhere
+    assert onednn_conv.resolve("onednn", "cpu") == "onednn"
+    assert onednn_conv.resolve("winograd", "cpu") == "winograd"
     assert onednn_conv.resolve("auto", "gpu") == "xla"
     with pytest.raises(ValueError, match="unknown model.conv 'fast'; choose one of"):
         onednn_conv.resolve("fast", "cpu")
     with pytest.raises(ValueError, match="CPU backends only.*model.conv=auto or xla"):
         onednn_conv.resolve("onednn", "tpu")
+    with pytest.raises(ValueError, match="model.conv=winograd runs on CPU backends only"):
+        onednn_conv.resolve("winograd", "gpu")
 
 
 _RESOLVE = textwrap.dedent("""
@@ -227,3 +237,108 @@ def test_parallel_processes_build_the_kernel_once(tmp_path):
     assert all(p.returncode == 0 and out.strip().endswith("ok") for p, (out, _) in zip(procs, outputs)), outputs
     built = sorted(os.listdir(cache / "kernels"))
     assert len([f for f in built if f.endswith(".so")]) == 1, built  # no half-written temporaries left
+
+
+# --- Winograd F(4x4, 3x3) ---
+
+def _targets(compiled_text: str) -> list[str]:
+    import re
+    return sorted(re.findall(r'custom_call_target="contrastood_conv_(\w+)"', compiled_text))
+
+
+def _winograd(x, w, *args, **kwargs):
+    return onednn_conv.conv_general_dilated(x, w, *args, winograd=True, **kwargs)
+
+
+# (batch, size, in, out): one tile (4x4), several, rectangular channel counts, a batch of one
+WINO_CASES = [(3, 4, 64, 64), (2, 8, 64, 96), (2, 12, 80, 64), (1, 16, 128, 64)]
+
+
+@pytest.mark.parametrize("case", WINO_CASES, ids=[f"{c[1]}px-{c[2]}to{c[3]}" for c in WINO_CASES])
+def test_winograd_forward_and_both_gradients_match_lax(case):
+    """Golden: lax at float32 HIGHEST. Measured error about 1e-5 of the output's scale (F(4x4,3x3)'s
+    transforms scale values by up to 8 and 1/24), so 2e-4 leaves room and still fails on any wrong tap."""
+    n, size, cin, cout = case
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * (2 / (9 * cin)) ** 0.5, jnp.float32)
+    lax_conv = functools.partial(jax.lax.conv_general_dilated, precision=jax.lax.Precision.HIGHEST)
+    ref_y = lax_conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+    t = jnp.asarray(rng.normal(size=ref_y.shape), jnp.float32)
+    results = {}
+    for name, conv in (("lax", lax_conv), ("winograd", _winograd)):
+        grad = jax.jit(jax.value_and_grad(_loss(conv, "SAME", 1), argnums=(0, 1), has_aux=True))
+        (_, y), (dx, dw) = grad(x, w, t)
+        results[name] = [np.asarray(v) for v in (y, dx, dw)]
+        if name == "winograd":  # forward and backward-data are Winograd forwards, plus its weight gradient
+            assert _targets(grad.lower(x, w, t).compile().as_text()) == [
+                "WinoBackwardWeights", "WinoForward", "WinoForward"]
+    for got, want, what in zip(results["winograd"], results["lax"], ("y", "dx", "dw")):
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=2e-4, err_msg=what)
+        assert np.abs(got - want).max() / scale > 0, "bit-equal to lax: not Winograd's arithmetic"
+
+
+@pytest.mark.parametrize("dtype, size, cin, cout, k, stride, padding", [
+    ("bfloat16", 8, 64, 64, 3, 1, "SAME"),  # float32 only: bf16 transforms would lose too much
+    ("float32", 8, 64, 64, 3, 2, "SAME"),
+    ("float32", 8, 64, 64, 1, 1, "SAME"),
+    ("float32", 8, 64, 64, 3, 1, "VALID"),
+    ("float32", 6, 64, 64, 3, 1, "SAME"),   # not whole 4x4 tiles
+    ("float32", 8, 48, 64, 3, 1, "SAME"),   # below WINOGRAD_MIN_CHANNELS: measured slower than direct
+    ("float32", 8, 72, 64, 3, 1, "SAME"),   # not a multiple of 16 channels
+], ids=["bf16", "stride2", "1x1", "valid", "size6", "48ch", "72ch"])
+def test_layers_winograd_does_not_cover_run_the_direct_kernels(dtype, size, cin, cout, k, stride, padding):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, size, size, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.1, dtype)
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(_winograd(x, w, (stride, stride), padding,
+                                                        dimension_numbers=NHWC).astype(jnp.float32) ** 2),
+                         argnums=(0, 1)))
+    assert _targets(f.lower(x, w).compile().as_text()) == ["BackwardData", "BackwardWeights", "Forward"]
+
+
+def test_winograd_sharded_over_devices_matches_one_device_and_gathers_no_activations():
+    assert jax.device_count() == 8
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(_winograd(x, w, (1, 1), "SAME", dimension_numbers=NHWC)))
+
+    one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
+                      in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))
+    xs, ws = jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P()))
+    many = sharded(xs, ws)
+    text = sharded.lower(xs, ws).compile().as_text()
+    assert "all-gather" not in text and "f32[2,8,8,64]" in text  # 16 / 8 images per device
+    assert _targets(text) == ["WinoBackwardWeights", "WinoForward", "WinoForward"]
+    assert many[1][0].sharding.spec == P("data") and many[1][1].sharding.is_fully_replicated
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):  # float rounding of other matmul blockings
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, rtol=0, atol=1e-5)
+
+
+def test_winograd_flops_count_as_the_direct_convolutions_they_replace():
+    """MFU stays in model FLOPs: a Winograd layer counts what XLA counts for the same convolution (plus XLA's
+    own count of the weight transforms, which does not grow with the batch: 9% at batch 2, 0.6% at 32)."""
+    x, w = jnp.ones((32, 8, 8, 64)), jnp.ones((3, 3, 64, 80))
+    flops = {}
+    for name, conv in (("lax", jax.lax.conv_general_dilated), ("winograd", _winograd)):
+        f = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC)),
+                             argnums=(0, 1)))
+        flops[name] = perf.step_flops(f.lower(x, w).compile())
+    np.testing.assert_allclose(flops["winograd"], flops["lax"], rtol=0.02)
+
+
+def test_the_winograd_kernel_rejects_shapes_it_does_not_cover_with_the_reason():
+    u = jnp.ones((36, 24, 32))
+    with pytest.raises(Exception, match="height and width multiples of 4, channels of 16"):
+        jax.block_until_ready(onednn_conv._call("WinoForward", (1, 8, 8, 32), jnp.float32, jnp.ones((1, 8, 8, 24)),
+                                                u, (1, 1), (1, 1, 1, 1)))
+    with pytest.raises(Exception, match=r"transformed weights must be \[36, c, o\]"):
+        jax.block_until_ready(onednn_conv._call("WinoForward", (1, 8, 8, 32), jnp.float32, jnp.ones((1, 8, 8, 32)),
+                                                u, (1, 1), (1, 1, 1, 1)))
