@@ -87,7 +87,9 @@ def main(argv=None):
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
           + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
              f"{int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s, x 64 (two 512-bit) = "
-             f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else ""), flush=True)
+             f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else "")
+          + "; FLOPs are model FLOPs: a Winograd layer counts as the direct convolution it replaces, with 4x the "
+          "multiplications it does, so its rows' MFU can pass 100%", flush=True)
     convs = ["xla"] + (["onednn", "winograd"] if onednn_conv.load() is None else [])
     bf16 = perf.cpu_has_bf16()
     print(f"convolution kernels: {', '.join(convs)}"
