@@ -287,7 +287,13 @@ int DefaultThreads() {
 
 // `threads` > 0: this call's share of the cores (XLA runs the devices of one process at the same time, each on
 // its own thread, and each call would otherwise open a team of all cores); 0: OpenMP's default. The setting is
-// per calling thread, and XLA's threads run other computations too, so every call sets it.
+// per calling thread, and XLA's threads run other computations too, so every call sets it. Returns the team.
+int SetTeam(int64_t threads) {
+  const int team = threads > 0 ? static_cast<int>(threads) : DefaultThreads();
+  if (omp_get_max_threads() != team) omp_set_num_threads(team);
+  return team;
+}
+
 ffi::Error MakeProblem(int kind, ffi::DataType type, ffi::Span<const int64_t> in_dims, ffi::Span<const int64_t> w_dims,
                        ffi::Span<const int64_t> out_dims, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> padding, int64_t threads, Problem* p) {
@@ -296,8 +302,7 @@ ffi::Error MakeProblem(int kind, ffi::DataType type, ffi::Span<const int64_t> in
     return ffi::Error::InvalidArgument("onednn conv: expected NHWC/HWIO rank-4 operands, 2 strides, 4 paddings");
   int dtype = type == ffi::DataType::F32 ? kF32 : type == ffi::DataType::BF16 ? kBF16 : 0;
   if (!dtype) return ffi::Error::InvalidArgument("onednn conv: float32 or bfloat16 operands only");
-  const int team = threads > 0 ? static_cast<int>(threads) : DefaultThreads();
-  if (omp_get_max_threads() != team) omp_set_num_threads(team);
+  const int team = SetTeam(threads);
   *p = Problem{kind, dtype, team, in_dims[0], in_dims[1], in_dims[2], in_dims[3], w_dims[0], w_dims[1], w_dims[3],
                out_dims[1], out_dims[2], strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
   if (w_dims[2] != in_dims[3] || out_dims[0] != in_dims[0] || out_dims[3] != w_dims[3])
@@ -550,39 +555,45 @@ WinoBuffers& LocalWino() {
   return buffers;
 }
 
-ffi::Error WinoCheck(ffi::AnyBuffer x, int64_t threads) {
-  if (x.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("winograd conv: float32 only");
+// One Winograd call's shape, OpenMP team, chunking and the calling thread's tile buffers (sized for a chunk).
+struct WinoCall {
+  int64_t n, h, w, c, o, tiles, chunk;
+  int team;
+  WinoBuffers* buf;
+};
+
+// Checks x [n, h, w, c] and the output channels `o`, sets the team and sizes the buffers.
+ffi::Error StartWino(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* call) {
   auto d = x.dimensions();
-  if (d.size() != 4 || d[1] % 4 || d[2] % 4 || d[3] % kChannelBlock)
+  if (x.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("winograd conv: float32 only");
+  if (d.size() != 4 || d[1] % 4 || d[2] % 4 || d[3] % kChannelBlock || o % kChannelBlock)
     return ffi::Error::InvalidArgument("winograd conv: NHWC input, height and width multiples of 4, channels of 16");
-  const int team = threads > 0 ? static_cast<int>(threads) : DefaultThreads();
-  if (omp_get_max_threads() != team) omp_set_num_threads(team);
+  const int64_t tiles = d[0] * (d[1] / 4) * (d[2] / 4);
+  *call = {d[0], d[1], d[2], d[3], o, tiles, ChunkTiles(tiles, std::max(d[3], o)), SetTeam(threads), &LocalWino()};
+  call->buf->v.resize(36 * call->chunk * call->c);
+  call->buf->m.resize(36 * call->chunk * call->o);
   return ffi::Error::Success();
 }
 
 // y [n, h, w, o] = the 3x3 stride-1 pad-1 convolution of x [n, h, w, c] whose transformed weights are u [36, c, o].
 ffi::Error WinoForward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
-  ffi::Error e = WinoCheck(x, threads);
+  auto ud = u.dimensions();
+  if (ud.size() != 3 || ud[0] != 36 || x.dimensions().size() != 4 || ud[1] != x.dimensions()[3])
+    return ffi::Error::InvalidArgument("winograd conv: transformed weights must be [36, c, o]");
+  WinoCall k;
+  ffi::Error e = StartWino(x, ud[2], threads, &k);
   if (e.failure()) return e;
-  auto d = x.dimensions();
-  const int64_t n = d[0], h = d[1], w = d[2], c = d[3], o = u.dimensions()[2];
-  if (u.dimensions().size() != 3 || u.dimensions()[0] != 36 || u.dimensions()[1] != c || o % kChannelBlock)
-    return ffi::Error::InvalidArgument("winograd conv: transformed weights must be [36, c, o], o a multiple of 16");
-  const int64_t tiles = n * (h / 4) * (w / 4), chunk = ChunkTiles(tiles, std::max(c, o));
-  WinoBuffers& buf = LocalWino();
-  buf.v.resize(36 * chunk * c);
-  buf.m.resize(36 * chunk * o);
   const float* xp = static_cast<const float*>(x.untyped_data());
-  float* yp = static_cast<float*>(y->untyped_data());
+  float* v = k.buf->v.data();
+  float* m = k.buf->m.data();
   std::string error;
-  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
-    const int64_t t1 = std::min(tiles, t0 + chunk);
-    InputTransform(xp, h, w, c, t0, t1, buf.v.data());
-    if (Matmul({t1 - t0, c, o, 0, 0, omp_get_max_threads()}, buf.v.data(), static_cast<const float*>(u.untyped_data()),
-               buf.m.data(), &error) != 0)
+  for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
+    const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
+    InputTransform(xp, k.h, k.w, k.c, t0, t1, v);
+    if (Matmul({t1 - t0, k.c, k.o, 0, 0, k.team}, v, static_cast<const float*>(u.untyped_data()), m, &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
-    OutputTransform(buf.m.data(), h, w, o, t0, t1, yp);
+    OutputTransform(m, k.h, k.w, k.o, t0, t1, static_cast<float*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 }
@@ -590,24 +601,21 @@ ffi::Error WinoForward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::AnyB
 // du [36, c, o] = sum over tiles of (B^T d B)^T (A dy A^T): the gradient of u in WinoForward.
 ffi::Error WinoBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> du,
                                ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
-  ffi::Error e = WinoCheck(x, threads);
-  if (e.failure()) return e;
-  auto d = x.dimensions();
-  const int64_t n = d[0], h = d[1], w = d[2], c = d[3], o = dy.dimensions()[3];
-  if (dy.element_type() != ffi::DataType::F32 || dy.dimensions()[0] != n || dy.dimensions()[1] != h ||
-      dy.dimensions()[2] != w || o % kChannelBlock)
+  auto xd = x.dimensions(), gd = dy.dimensions();
+  if (dy.element_type() != ffi::DataType::F32 || xd.size() != 4 || gd.size() != 4 || gd[0] != xd[0] ||
+      gd[1] != xd[1] || gd[2] != xd[2])
     return ffi::Error::InvalidArgument("winograd conv: dy must be float32 [n, h, w, o] like x");
-  const int64_t tiles = n * (h / 4) * (w / 4), chunk = ChunkTiles(tiles, std::max(c, o));
-  WinoBuffers& buf = LocalWino();
-  buf.v.resize(36 * chunk * c);
-  buf.m.resize(36 * chunk * o);
+  WinoCall k;
+  ffi::Error e = StartWino(x, gd[3], threads, &k);
+  if (e.failure()) return e;
+  float* v = k.buf->v.data();
+  float* m = k.buf->m.data();
   std::string error;
-  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
-    const int64_t t1 = std::min(tiles, t0 + chunk);
-    InputTransform(static_cast<const float*>(x.untyped_data()), h, w, c, t0, t1, buf.v.data());
-    GradTransform(static_cast<const float*>(dy.untyped_data()), h, w, o, t0, t1, buf.m.data());
-    if (Matmul({c, t1 - t0, o, 1, t0 > 0, omp_get_max_threads()}, buf.v.data(), buf.m.data(),
-               static_cast<float*>(du->untyped_data()), &error) != 0)
+  for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
+    const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
+    InputTransform(static_cast<const float*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, v);
+    GradTransform(static_cast<const float*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, m);
+    if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team}, v, m, static_cast<float*>(du->untyped_data()), &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
   }
   return ffi::Error::Success();
