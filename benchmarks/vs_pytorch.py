@@ -6,7 +6,8 @@ r"""contrastood's train step against PyTorch's best CPU mode, side by side in on
 For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
 augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, with
 XLA's convolutions, with oneDNN's direct ones and with Winograd's (model.conv, where the kernel
-builds), in float32, and in bfloat16 with oneDNN's where the CPU has bf16 hardware; then
+builds), in float32, and in bfloat16 with oneDNN's direct and Winograd F(2x2) ones where the CPU has bf16
+hardware; then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
 in passes/s (views through forward + backward). PyTorch runs twice: with glibc's malloc defaults, and
@@ -88,8 +89,8 @@ def main(argv=None):
           + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
              f"{int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s, x 64 (two 512-bit) = "
              f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else "")
-          + "; FLOPs are model FLOPs: a Winograd layer counts as the direct convolution it replaces, with 4x the "
-          "multiplications it does, so its rows' MFU can pass 100%", flush=True)
+          + "; FLOPs are model FLOPs: a Winograd layer counts as the direct convolution it replaces, with 4x "
+          "(float32 F(4x4)) or 2.25x (bfloat16 F(2x2)) the multiplications it does, so its rows' MFU can pass 100%", flush=True)
     convs = ["xla"] + (["onednn", "winograd"] if onednn_conv.load() is None else [])
     bf16 = perf.cpu_has_bf16()
     print(f"convolution kernels: {', '.join(convs)}"
@@ -97,8 +98,8 @@ def main(argv=None):
           + f"; bfloat16 rows: {'yes' if bf16 else 'no (no avx512_bf16/amx_bf16)'}", flush=True)
     rows = []
     for model in args.models.split(","):
-        for dtype, conv in [("float32", c) for c in convs] + ([("bfloat16", "onednn")] if bf16 and "onednn" in convs
-                                                             else []):
+        bf16_convs = ["onednn", "winograd"] if bf16 and "onednn" in convs else []
+        for dtype, conv in [("float32", c) for c in convs] + [("bfloat16", c) for c in bf16_convs]:
             for name, options in perf.CPU_CANDIDATES.items():
                 r = train_throughput.benchmark(model, args.batch, 3, dtype, True, eval_batch=256,
                                                min_seconds=args.seconds, options=dict(options), conv=conv)

@@ -65,9 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.proj_dim = 128
     config.model.proj_hidden_dim = 0  # 0: same as the feature dimension
     config.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision, float32 master weights
-    # Convolution kernels: auto = on CPU backends where the kernel builds, Winograd F(4x4,3x3) for 3x3 stride-1
-    # float32 layers of 64+ channels and oneDNN's direct kernels for the rest, else XLA's; winograd | onednn
-    # (direct only) | xla force one (see contrastood.onednn_conv). Parameters and checkpoints are the same.
+    # Convolution kernels: auto = on CPU backends where the kernel builds, Winograd for 3x3 stride-1 layers of 64+
+    # channels (F(4x4,3x3) in float32; F(2x2,3x3) in bfloat16, on CPUs with bfloat16 hardware) and oneDNN's direct
+    # kernels for the rest, else XLA's; winograd | onednn (direct only) | xla force one (see
+    # contrastood.onednn_conv). Parameters and checkpoints are the same.
     config.model.conv = "auto"
     # BatchNorm: fused = contrastood.batch_norm's (flax's variables and results, a hand-written gradient with
     # less memory traffic); flax = nn.BatchNorm itself.

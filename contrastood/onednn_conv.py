@@ -19,7 +19,11 @@ Winograd F(4x4, 3x3) (`winograd_conv3x3`, the same kernel library): the 3x3 stri
 of 64 channels or more, which carry most of a ResNet's FLOPs, with 4x fewer multiplications (input
 and output transforms in C++, the 36 products over channels as one batched oneDNN matmul). oneDNN
 3.x has only direct x64 convolutions, which ran level with PyTorch's; this ran ResNet-18's float32
-step 1.66x faster than them (results/README.md), within about 1e-5 of the output's scale.
+step 1.66x faster than them (results/README.md), within about 1e-5 of the output's scale. bfloat16
+layers of 64 channels or more take Winograd F(2x2, 3x3) with bfloat16 products instead
+(`winograd_bf16_conv3x3`, on CPUs with bfloat16 dot-product hardware): 2.25x fewer multiplications at
+about twice the direct bfloat16 kernel's rounding error (F(4x4)'s transforms amplify bfloat16 rounding
+25-fold).
 
 `model.conv` chooses: "auto" takes Winograd where it applies and oneDNN's direct kernels for the other
 layers on a CPU backend where the kernel builds, and XLA everywhere else (GPU, TPU, or a machine
@@ -53,7 +57,8 @@ SOURCE = native.KERNELS / "onednn_conv.cc"
 IMPLS = ("auto", "xla", "onednn", "winograd")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
 CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
-_TARGETS = ("Forward", "BackwardData", "BackwardWeights", "WinoForward", "WinoBackwardWeights")
+_TARGETS = ("Forward", "BackwardData", "BackwardWeights", "WinoForward", "WinoBackwardWeights", "Wino2Forward",
+            "Wino2BackwardWeights")
 _FIX = ("install the onednn-cpu-gomp wheel (pip install onednn-cpu-gomp) and a C++ compiler (g++), "
         "or set --config.model.conv=xla")
 
@@ -153,7 +158,8 @@ def resolve(impl: str, backend: str) -> str:
     if problem is None:
         chosen = "onednn" if impl == "onednn" else "winograd"
         logging.info("convolutions: oneDNN %s, %s (model.conv=%s)", version(),
-                     "direct" if chosen == "onednn" else "Winograd F(4x4,3x3) where it applies, else direct", impl)
+                     "direct" if chosen == "onednn" else "Winograd where it applies (F(4x4,3x3) in float32, F(2x2,3x3) "
+                     "in bfloat16 on bfloat16 hardware), else direct", impl)
         return chosen
     if impl in ("onednn", "winograd"):
         raise RuntimeError(f"model.conv={impl}, but the oneDNN kernel is unavailable: {problem}")
@@ -189,12 +195,13 @@ def _factors(rule: str, skip: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _partitioned(target: str, rule: str, sums_batch: bool):
-    """`target` as a custom-partitioned op: batch-sharded operands in, batch-sharded (or summed) out."""
+def _partitioned(target: str, rule: str, sums_batch: bool, out_dtype=None):
+    """`target` as a custom-partitioned op: batch-sharded operands in, batch-sharded (or summed) out, of the first
+    operand's dtype unless `out_dtype`."""
 
     @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
     def op(a, b, shape, strides, padding):
-        return _call(target, shape, a.dtype, a, b, strides, padding)
+        return _call(target, shape, out_dtype or a.dtype, a, b, strides, padding)
 
     def infer(shape, strides, padding, mesh, arg_shapes, result_shape):
         return NamedSharding(mesh, P() if sums_batch else P(batch_spec(arg_shapes[0].sharding)))
@@ -205,7 +212,7 @@ def _partitioned(target: str, rule: str, sums_batch: bool):
         threads = threads_for_mesh(mesh)
 
         def lower(a, b):
-            out = _call(target, local, a.dtype, a, b, strides, padding, threads)
+            out = _call(target, local, out_dtype or a.dtype, a, b, strides, padding, threads)
             return lax.psum(out, batch) if sums_batch and batch is not None else out
 
         arg_shardings = (NamedSharding(mesh, P(batch)), NamedSharding(mesh, P(batch) if sums_batch else P()))
@@ -222,6 +229,9 @@ _backward_data = _partitioned("BackwardData", "n p q o, i j c o -> n h w c", sum
 _backward_weights = _partitioned("BackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
 _wino_forward = _partitioned("WinoForward", "n h w c, t c o -> n h w o", sums_batch=False)
 _wino_backward_weights = _partitioned("WinoBackwardWeights", "n h w c, n h w o -> t c o", sums_batch=True)
+_wino2_forward = _partitioned("Wino2Forward", "n h w c, t c o -> n h w o", sums_batch=False)
+_wino2_backward_weights = _partitioned("Wino2BackwardWeights", "n h w c, n h w o -> t c o", sums_batch=True,
+                                       out_dtype=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -304,6 +314,55 @@ def _wino_bwd(residuals, dy):
 
 winograd_conv3x3.defvjp(_wino_fwd, _wino_bwd)
 
+# --- Winograd F(2x2, 3x3) in bfloat16 (kernels/onednn_conv.cc says why F(2x2) and not F(4x4) there). ---
+_WINO2_G = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float32)
+# Narrower layers stay direct, as in float32. On the 2-core AMD EPYC (Zen 4) of results/README.md, batch 256,
+# forward + both gradients, the fastest of 8-15 interleaved calls (ms): 32 channels at 16x16 9.1 direct against
+# 12.6, 64 at 8x8 10.9 against 9.7, 64 at 32x32 142 against 118, 512 at 4x4 133 against 83.
+WINOGRAD_BF16_MIN_CHANNELS = 64
+
+
+def winograd_bf16_supports(x, w, strides, padding) -> bool:
+    """Whether `winograd_bf16_conv3x3` computes this conv_nhwc call: only on CPUs with bfloat16 dot-product
+    hardware (perf.cpu_has_bf16), where the products run at twice the float32 rate; elsewhere the direct kernels."""
+    return (x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and perf.cpu_has_bf16()
+            and tuple(w.shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and tuple(padding) == (1, 1, 1, 1)
+            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and w.shape[2] % 16 == 0 and w.shape[3] % 16 == 0
+            and min(w.shape[2], w.shape[3]) >= WINOGRAD_BF16_MIN_CHANNELS)
+
+
+def _wino2_weights(w):
+    """[3, 3, c, o] -> G w G^T in float32, rounded once to bfloat16, [16, c, o]."""
+    w = w.astype(jnp.float32)
+    return _points(_WINO2_G, _points(_WINO2_G, w, 0), 1).reshape(16, *w.shape[2:]).astype(jnp.bfloat16)
+
+
+@jax.custom_vjp
+def winograd_bf16_conv3x3(x, w):
+    """conv_nhwc(x, w, (1, 1), (1, 1, 1, 1)) by Winograd F(2x2, 3x3) with bfloat16 products: bfloat16 NHWC,
+    height and width even, channels in and out % 16 == 0 (`winograd_bf16_supports`).
+
+    Rounding the transformed tiles to bfloat16 about doubles the direct bfloat16 kernel's error (max 4-7e-3 of
+    the output's and gradients' scale against 2-3e-3, tests/test_onednn_conv.py); model.conv=onednn keeps the
+    direct kernels."""
+    return _wino2_forward(x, _wino2_weights(w), x.shape[:3] + w.shape[3:], *_SAME_3X3)
+
+
+def _wino2_fwd(x, w):
+    return winograd_bf16_conv3x3(x, w), (x, w)
+
+
+def _wino2_bwd(residuals, dy):
+    x, w = residuals
+    dy = dy.astype(x.dtype)
+    flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)
+    dx = _wino2_forward(dy, _wino2_weights(flipped), x.shape, *_SAME_3X3)
+    du = _wino2_backward_weights(x, dy, (16,) + w.shape[2:], *_SAME_3X3).reshape(4, 4, *w.shape[2:])
+    return dx, _points(_WINO2_G.T, _points(_WINO2_G.T, du, 0), 1).astype(w.dtype)  # G^T du G
+
+
+winograd_bf16_conv3x3.defvjp(_wino2_fwd, _wino2_bwd)
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -323,7 +382,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          preferred_element_type=None, *, winograd: bool = False):
     """`lax.conv_general_dilated`'s signature; oneDNN where `supports`, else lax itself.
 
-    winograd: 3x3 stride-1 SAME float32 layers by `winograd_conv3x3` (model.conv=winograd)."""
+    winograd: 3x3 stride-1 SAME layers by `winograd_conv3x3` (float32) or `winograd_bf16_conv3x3` (bfloat16,
+    on CPUs with bfloat16 hardware) where they apply (model.conv=winograd)."""
     problem = load()  # registers the FFI targets (once per process)
     if problem is not None:
         raise RuntimeError(f"the oneDNN convolution kernel is unavailable: {problem}")
@@ -342,6 +402,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     strides, pads = tuple(int(s) for s in window_strides), (int(top), int(bottom), int(left), int(right))
     if winograd and winograd_supports(lhs, rhs, strides, pads):
         return winograd_conv3x3(lhs, rhs)
+    if winograd and winograd_bf16_supports(lhs, rhs, strides, pads):
+        return winograd_bf16_conv3x3(lhs, rhs)
     return conv_nhwc(lhs, rhs, strides, pads)
 
 
@@ -374,9 +436,9 @@ def hlo_flops(hlo_text: str) -> float:
         sh, sw = _dense(strides, 2)
         if target == "Forward":  # x [n,h,w,c], w [kh,kw,c,o] -> y [n,p,q,o]
             x, w, y = a, b, out
-        elif target == "WinoForward":  # x, u [36,c,o] -> y: counted as the 3x3 convolution it computes
+        elif target in ("WinoForward", "Wino2Forward"):  # x, u [36 or 16,c,o] -> y: the 3x3 convolution it computes
             x, w, y = a, [3, 3, b[1], b[2]], out
-        elif target == "WinoBackwardWeights":  # x, dy -> du [36,c,o]
+        elif target in ("WinoBackwardWeights", "Wino2BackwardWeights"):  # x, dy -> du [36 or 16,c,o]
             x, w, y = a, [3, 3, out[1], out[2]], b
         elif target == "BackwardData":  # dy, w -> dx
             x, w, y = out, b, a

@@ -6,8 +6,9 @@ views, forward, backward, optimiser), not a paper formula. The peak comes from `
 when set, else from the accelerator's data sheet (dense bf16/fp32), else, on CPUs, from a measured
 matrix product in the compute dtype: there MFU reads as "fraction of the best this CPU does on a
 large matmul under XLA", which is the ceiling a direct convolution can approach. Winograd layers
-(onednn_conv.winograd_conv3x3) count as the direct convolutions they replace, so the FLOPs stay the
-model's; they do a quarter of the multiplications, so a step's MFU can pass 100% on a CPU.
+(onednn_conv.winograd_conv3x3, winograd_bf16_conv3x3) count as the direct convolutions they replace, so
+the FLOPs stay the model's; they do 1/4 (F(4x4), float32) or 1/2.25 (F(2x2), bfloat16) of the
+multiplications, so a step's MFU can pass 100% on a CPU.
 """
 from __future__ import annotations
 

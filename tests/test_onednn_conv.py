@@ -280,15 +280,20 @@ def test_winograd_forward_and_both_gradients_match_lax(case):
 
 
 @pytest.mark.parametrize("dtype, size, cin, cout, k, stride, padding", [
-    ("bfloat16", 8, 64, 64, 3, 1, "SAME"),  # float32 only: bf16 transforms would lose too much
-    ("float32", 8, 64, 64, 3, 2, "SAME"),
-    ("float32", 8, 64, 64, 1, 1, "SAME"),
-    ("float32", 8, 64, 64, 3, 1, "VALID"),
+    (dtype, *case) for dtype in ("float32", "bfloat16") for case in [
+        (8, 64, 64, 3, 2, "SAME"),
+        (8, 64, 64, 1, 1, "SAME"),
+        (8, 64, 64, 3, 1, "VALID"),
+        (8, 48, 64, 3, 1, "SAME"),   # below WINOGRAD_MIN_CHANNELS: measured slower than direct
+        (8, 72, 64, 3, 1, "SAME"),   # not a multiple of 16 channels
+    ]] + [
     ("float32", 6, 64, 64, 3, 1, "SAME"),   # not whole 4x4 tiles
-    ("float32", 8, 48, 64, 3, 1, "SAME"),   # below WINOGRAD_MIN_CHANNELS: measured slower than direct
-    ("float32", 8, 72, 64, 3, 1, "SAME"),   # not a multiple of 16 channels
-], ids=["bf16", "stride2", "1x1", "valid", "size6", "48ch", "72ch"])
-def test_layers_winograd_does_not_cover_run_the_direct_kernels(dtype, size, cin, cout, k, stride, padding):
+    ("bfloat16", 7, 64, 64, 3, 1, "SAME"),  # not whole 2x2 tiles
+], ids=[f"{d}-{c}" for d in ("f32", "bf16") for c in ("stride2", "1x1", "valid", "48ch", "72ch")] + [
+    "f32-size6", "bf16-size7"])
+def test_layers_winograd_does_not_cover_run_the_direct_kernels(dtype, size, cin, cout, k, stride, padding,
+                                                               monkeypatch):
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)  # the bfloat16 cases must not depend on this CPU
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(size=(2, size, size, cin)), dtype)
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.1, dtype)
@@ -298,15 +303,70 @@ def test_layers_winograd_does_not_cover_run_the_direct_kernels(dtype, size, cin,
     assert _targets(f.lower(x, w).compile().as_text()) == ["BackwardData", "BackwardWeights", "Forward"]
 
 
-def test_winograd_sharded_over_devices_matches_one_device_and_gathers_no_activations():
+def test_bfloat16_layers_stay_direct_on_cpus_without_bfloat16_hardware(monkeypatch):
+    """There oneDNN emulates bfloat16 products, so Winograd's would gain nothing measured."""
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: False)
+    x, w = jnp.ones((2, 8, 8, 64), jnp.bfloat16), jnp.ones((3, 3, 64, 64), jnp.bfloat16)
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(_winograd(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+                                              .astype(jnp.float32) ** 2), (0, 1)))
+    assert _targets(f.lower(x, w).compile().as_text()) == ["BackwardData", "BackwardWeights", "Forward"]
+
+
+# --- Winograd F(2x2, 3x3), bfloat16 ---
+
+# (batch, size, in, out): one tile (2x2), several, rectangular channel counts, a batch of one
+WINO_BF16_CASES = [(3, 2, 64, 64), (2, 6, 64, 96), (2, 4, 80, 64), (1, 10, 128, 64)]
+
+
+@pytest.mark.parametrize("case", WINO_BF16_CASES, ids=[f"{c[1]}px-{c[2]}to{c[3]}" for c in WINO_BF16_CASES])
+def test_winograd_bf16_forward_and_both_gradients_match_lax(case, monkeypatch):
+    """Golden: lax at float32 HIGHEST on the same bfloat16 values, rounded to bfloat16 where the model's
+    convolution rounds (dx, dw). The direct bfloat16 kernel's forward is 2-3e-3 of the output's scale away
+    (its output rounding); Winograd's rounding of the transformed tiles adds about as much again (measured
+    4-7e-3 for y, dx and dw), so the bound is 1.5e-2, and y must stay within 4x the direct kernel's error."""
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)  # the kernel runs on any CPU; only its speed differs
+    n, size, cin, cout = case
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * (2 / (9 * cin)) ** 0.5, jnp.bfloat16)
+
+    def lax_conv(x, w, *args, **kwargs):  # float32 products of the bfloat16 values, rounded like the model's conv
+        return jax.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), *args,
+                                            precision=jax.lax.Precision.HIGHEST, **kwargs).astype(jnp.bfloat16)
+
+    t = jnp.asarray(rng.normal(size=(n, size, size, cout)), jnp.float32)
+    results = {}
+    for name, conv in (("lax", lax_conv), ("direct", onednn_conv.conv_general_dilated), ("winograd", _winograd)):
+        grad = jax.jit(jax.value_and_grad(_loss(conv, "SAME", 1), argnums=(0, 1), has_aux=True))
+        (_, y), (dx, dw) = grad(x, w, t)
+        results[name] = [np.asarray(v, np.float32) for v in (y, dx, dw)]
+        if name == "winograd":
+            assert _targets(grad.lower(x, w, t).compile().as_text()) == [
+                "Wino2BackwardWeights", "Wino2Forward", "Wino2Forward"]
+    # y, unrounded, as the reference for how far each kernel's forward is
+    y32 = np.asarray(jax.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME",
+                                                  dimension_numbers=NHWC, precision=jax.lax.Precision.HIGHEST))
+    scale = float(np.abs(y32).max())
+    direct_error = np.abs(results["direct"][0] - y32).max() / scale
+    winograd_error = np.abs(results["winograd"][0] - y32).max() / scale
+    assert 0 < winograd_error <= max(4 * direct_error, 4e-3), (winograd_error, direct_error)
+    for got, want, what in zip(results["winograd"], results["lax"], ("y", "dx", "dw")):
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=1.5e-2, err_msg=what)
+        assert np.abs(got - want).max() / scale > 0, "bit-equal to lax: not Winograd's arithmetic"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_winograd_sharded_over_devices_matches_one_device_and_gathers_no_activations(dtype, monkeypatch):
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)
     assert jax.device_count() == 8
     mesh = parallel.create_mesh()
     rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.normal(size=(16, 8, 8, 64)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 64)), dtype)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.05, dtype)
 
     def loss(x, w):
-        return jnp.sum(jnp.sin(_winograd(x, w, (1, 1), "SAME", dimension_numbers=NHWC)))
+        return jnp.sum(jnp.sin(_winograd(x, w, (1, 1), "SAME", dimension_numbers=NHWC).astype(jnp.float32)))
 
     one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
     sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
@@ -314,18 +374,25 @@ def test_winograd_sharded_over_devices_matches_one_device_and_gathers_no_activat
     xs, ws = jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P()))
     many = sharded(xs, ws)
     text = sharded.lower(xs, ws).compile().as_text()
-    assert "all-gather" not in text and "f32[2,8,8,64]" in text  # 16 / 8 images per device
-    assert _targets(text) == ["WinoBackwardWeights", "WinoForward", "WinoForward"]
+    short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    assert "all-gather" not in text and f"{short}[2,8,8,64]" in text  # 16 / 8 images per device
+    prefix = "Wino" if dtype == "float32" else "Wino2"
+    assert _targets(text) == [f"{prefix}BackwardWeights", f"{prefix}Forward", f"{prefix}Forward"]
     assert many[1][0].sharding.spec == P("data") and many[1][1].sharding.is_fully_replicated
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):  # float rounding of other matmul blockings
-        scale = float(np.abs(np.asarray(a)).max())
-        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, rtol=0, atol=1e-5)
+    # float rounding of other matmul blockings and, in bfloat16, of the per-device sums
+    atol = 1e-5 if dtype == "float32" else 1e-2
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = float(np.abs(a).max())
+        np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=atol)
 
 
-def test_winograd_flops_count_as_the_direct_convolutions_they_replace():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_winograd_flops_count_as_the_direct_convolutions_they_replace(dtype, monkeypatch):
     """MFU stays in model FLOPs: a Winograd layer counts what XLA counts for the same convolution (plus XLA's
     own count of the weight transforms, which does not grow with the batch: 9% at batch 2, 0.6% at 32)."""
-    x, w = jnp.ones((32, 8, 8, 64)), jnp.ones((3, 3, 64, 80))
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)
+    x, w = jnp.ones((32, 8, 8, 64), dtype), jnp.ones((3, 3, 64, 80), dtype)
     flops = {}
     for name, conv in (("lax", jax.lax.conv_general_dilated), ("winograd", _winograd)):
         f = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC)),
@@ -342,3 +409,46 @@ def test_the_winograd_kernel_rejects_shapes_it_does_not_cover_with_the_reason():
     with pytest.raises(Exception, match=r"transformed weights must be \[36, c, o\]"):
         jax.block_until_ready(onednn_conv._call("WinoForward", (1, 8, 8, 32), jnp.float32, jnp.ones((1, 8, 8, 32)),
                                                 u, (1, 1), (1, 1, 1, 1)))
+
+
+def test_the_bf16_winograd_kernel_rejects_what_it_does_not_cover_with_the_reason():
+    bf16 = jnp.bfloat16
+    u = jnp.ones((16, 32, 32), bf16)
+    call = functools.partial(onednn_conv._call, strides=(1, 1), padding=(1, 1, 1, 1))
+    with pytest.raises(Exception, match="height and width multiples of 2, channels of 16"):
+        jax.block_until_ready(call("Wino2Forward", (1, 7, 7, 32), bf16, jnp.ones((1, 7, 7, 32), bf16), u))
+    with pytest.raises(Exception, match="bfloat16 only"):
+        jax.block_until_ready(call("Wino2Forward", (1, 8, 8, 32), jnp.float32, jnp.ones((1, 8, 8, 32)), u))
+    with pytest.raises(Exception, match=r"transformed weights must be bfloat16 \[16, c, o\]"):
+        jax.block_until_ready(call("Wino2Forward", (1, 8, 8, 32), bf16, jnp.ones((1, 8, 8, 32), bf16),
+                                   jnp.ones((36, 32, 32), bf16)))
+    with pytest.raises(Exception, match="du float32"):
+        x = jnp.ones((1, 8, 8, 32), bf16)
+        jax.block_until_ready(call("Wino2BackwardWeights", (16, 32, 32), bf16, x, x))
+
+
+def test_a_bf16_model_under_winograd_matches_the_direct_kernels(monkeypatch):
+    """The whole model in bfloat16: its 64-channel-and-wider 3x3 layers take Winograd F(2x2)."""
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)
+    config = base_config()
+    config.model.name, config.model.width, config.model.proj_dim, config.model.dtype = "resnet_tiny", 4, 16, "bfloat16"
+    images = jnp.asarray(np.random.default_rng(4).uniform(size=(8, 16, 16, 3)), jnp.float32)
+    results = {}
+    for conv in ("onednn", "winograd"):
+        config.model.conv = conv
+        model = models.create_model(config.model, 10, image_size=16)
+        variables = model.init(jax.random.key(0), images, train=False)
+
+        def loss(params):
+            out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(out["logits"].astype(jnp.float32) ** 2), out
+
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        results[conv] = step(variables["params"])
+        targets = _targets(step.lower(variables["params"]).compile().as_text())
+        assert ("Wino2Forward" in targets) == (conv == "winograd")
+    for a, b in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["winograd"])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = max(1e-3, float(np.abs(a).max()))
+        np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=5e-2)

@@ -201,6 +201,9 @@ def test_vs_pytorch_side_by_side_run(tmp_path):
     assert {r["mode"].split("XLA ")[1] for r in ours} == {n for n in perf.CPU_CANDIDATES if perf._supported(n)}
     assert {r["mode"].split(", XLA")[0] for r in ours} >= {"float32, conv xla", f"float32, conv {conv}"} | (
         {"float32, conv onednn"} if conv == "winograd" else set())
+    bf16_rows = {r["mode"].split(", XLA")[0] for r in ours if r["mode"].startswith("bfloat16")}
+    assert bf16_rows == ({"bfloat16, conv onednn", "bfloat16, conv winograd"}
+                         if perf.cpu_has_bf16() and conv == "winograd" else set())
     assert {r["mode"] for r in theirs} >= {"fp32", "fp32_cl", "fp32, malloc as contrastood's",
                                            "fp32_cl, malloc as contrastood's"}  # glibc's defaults, then ours
     assert all(r["passes_s"] > 0 for r in rows)
