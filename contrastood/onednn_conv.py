@@ -285,34 +285,45 @@ def _points(matrix: np.ndarray, t, axis: int):
     return jnp.stack(rows, axis)
 
 
-def _wino_weights(w):
-    """[3, 3, c, o] -> G w G^T, [36, c, o]."""
-    return _points(_WINO_G, _points(_WINO_G, w, 0), 1).reshape(36, *w.shape[2:])
+def _winograd(forward, backward_weights, g: np.ndarray):
+    """A 3x3 stride-1 SAME convolution with a custom VJP from a Winograd kernel's two FFI calls, whose weight
+    transform is `g` ([tile + 2, 3]): the weights go in as G w G^T (computed in float32, in w's dtype), the
+    backward-data pass is the forward of the flipped, transposed weights, and the weight gradient is G^T du G."""
+    size = g.shape[0]  # input tile size; the kernel's products are over size x size points
+
+    def weights(w):
+        u = _points(g, _points(g, w.astype(jnp.float32), 0), 1)
+        return u.reshape(size * size, *w.shape[2:]).astype(w.dtype)
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return forward(x, weights(w), x.shape[:3] + w.shape[3:], *_SAME_3X3)
+
+    def conv_fwd(x, w):
+        return conv(x, w), (x, w)
+
+    def conv_bwd(residuals, dy):
+        x, w = residuals
+        dy = dy.astype(x.dtype)
+        flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # backward-data of a stride-1 SAME 3x3 conv is this conv
+        dx = forward(dy, weights(flipped), x.shape, *_SAME_3X3)
+        du = backward_weights(x, dy, (size * size,) + w.shape[2:], *_SAME_3X3).reshape(size, size, *w.shape[2:])
+        return dx, _points(g.T, _points(g.T, du, 0), 1).astype(w.dtype)  # G^T du G
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    return conv
 
 
-@jax.custom_vjp
+_winograd_f4 = _winograd(_wino_forward, _wino_backward_weights, _WINO_G)
+
+
 def winograd_conv3x3(x, w):
     """conv_nhwc(x, w, (1, 1), (1, 1, 1, 1)) by Winograd F(4x4, 3x3): float32 NHWC, height and width % 4 == 0,
     channels in and out % 16 == 0 (`winograd_supports`).
 
     Same values up to float32 rounding (about 1e-5 of the output's scale, tests/test_onednn_conv.py)."""
-    return _wino_forward(x, _wino_weights(w), x.shape[:3] + w.shape[3:], *_SAME_3X3)
+    return _winograd_f4(x, w)
 
-
-def _wino_fwd(x, w):
-    return winograd_conv3x3(x, w), (x, w)
-
-
-def _wino_bwd(residuals, dy):
-    x, w = residuals
-    dy = dy.astype(x.dtype)
-    flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # backward-data of a stride-1 SAME 3x3 conv is this conv
-    dx = _wino_forward(dy, _wino_weights(flipped), x.shape, *_SAME_3X3)
-    du = _wino_backward_weights(x, dy, (36,) + w.shape[2:], *_SAME_3X3).reshape(6, 6, *w.shape[2:])
-    return dx, _points(_WINO_G.T, _points(_WINO_G.T, du, 0), 1)  # G^T du G
-
-
-winograd_conv3x3.defvjp(_wino_fwd, _wino_bwd)
 
 # --- Winograd F(2x2, 3x3) in bfloat16 (kernels/onednn_conv.cc says why F(2x2) and not F(4x4) there). ---
 _WINO2_G = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float32)
@@ -331,13 +342,9 @@ def winograd_bf16_supports(x, w, strides, padding) -> bool:
             and min(w.shape[2], w.shape[3]) >= WINOGRAD_BF16_MIN_CHANNELS)
 
 
-def _wino2_weights(w):
-    """[3, 3, c, o] -> G w G^T in float32, rounded once to bfloat16, [16, c, o]."""
-    w = w.astype(jnp.float32)
-    return _points(_WINO2_G, _points(_WINO2_G, w, 0), 1).reshape(16, *w.shape[2:]).astype(jnp.bfloat16)
+_winograd_f2 = _winograd(_wino2_forward, _wino2_backward_weights, _WINO2_G)  # weights rounded once to bf16
 
 
-@jax.custom_vjp
 def winograd_bf16_conv3x3(x, w):
     """conv_nhwc(x, w, (1, 1), (1, 1, 1, 1)) by Winograd F(2x2, 3x3) with bfloat16 products: bfloat16 NHWC,
     height and width even, channels in and out % 16 == 0 (`winograd_bf16_supports`).
@@ -345,23 +352,8 @@ def winograd_bf16_conv3x3(x, w):
     Rounding the transformed tiles to bfloat16 about doubles the direct bfloat16 kernel's error (max 4-7e-3 of
     the output's and gradients' scale against 2-3e-3, tests/test_onednn_conv.py); model.conv=onednn keeps the
     direct kernels."""
-    return _wino2_forward(x, _wino2_weights(w), x.shape[:3] + w.shape[3:], *_SAME_3X3)
+    return _winograd_f2(x, w)
 
-
-def _wino2_fwd(x, w):
-    return winograd_bf16_conv3x3(x, w), (x, w)
-
-
-def _wino2_bwd(residuals, dy):
-    x, w = residuals
-    dy = dy.astype(x.dtype)
-    flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)
-    dx = _wino2_forward(dy, _wino2_weights(flipped), x.shape, *_SAME_3X3)
-    du = _wino2_backward_weights(x, dy, (16,) + w.shape[2:], *_SAME_3X3).reshape(4, 4, *w.shape[2:])
-    return dx, _points(_WINO2_G.T, _points(_WINO2_G.T, du, 0), 1).astype(w.dtype)  # G^T du G
-
-
-winograd_bf16_conv3x3.defvjp(_wino2_fwd, _wino2_bwd)
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 

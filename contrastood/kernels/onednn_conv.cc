@@ -391,77 +391,138 @@ inline void GradPoints(const Lanes g[4], Lanes r[6]) {  // A g: the transpose of
   r[5] = g[3];
 }
 
-// V[p][t - t0][c] = B^T d B for the 6x6 input tiles d of tiles t in [t0, t1) of x [n, h, w, c] (zero padding 1).
+typedef uint16_t Bf16Lanes __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t Bits __attribute__((vector_size(64)));
+typedef int32_t Mask __attribute__((vector_size(64)));
+
+inline Lanes LoadBf16(const uint16_t* p) {
+  return (Lanes)(__builtin_convertvector(*reinterpret_cast<const Bf16Lanes*>(p), Bits) << 16);
+}
+// Round to nearest even, as XLA's float32 -> bfloat16 convert does; NaNs stay (quiet) NaNs.
+inline void StoreBf16(uint16_t* p, Lanes v) {
+  const Bits u = (Bits)v;
+  const Bits rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const Mask nan = (Mask)((u & 0x7FFFFFFFu) > 0x7F800000u);
+  *reinterpret_cast<Bf16Lanes*>(p) = __builtin_convertvector(nan ? ((u >> 16) | 0x40u) : rounded, Bf16Lanes);
+}
+
+inline void InputPoints2(const Lanes d[4], Lanes r[4]) {  // B^T d
+  r[0] = d[0] - d[2];
+  r[1] = d[1] + d[2];
+  r[2] = d[2] - d[1];
+  r[3] = d[1] - d[3];
+}
+inline void OutputPoints2(const Lanes m[4], Lanes r[2]) {  // A^T m
+  r[0] = m[0] + m[1] + m[2];
+  r[1] = m[1] - m[2] - m[3];
+}
+inline void GradPoints2(const Lanes g[2], Lanes r[4]) {  // A g: the transpose of OutputPoints2
+  r[0] = g[0];
+  r[1] = g[0] + g[1];
+  r[2] = g[0] - g[1];
+  r[3] = -g[1];
+}
+
+// The two tile sizes' point transforms, for the transforms below.
+template <int kOut>
+struct Points;
+template <>
+struct Points<4> {  // F(4x4, 3x3): 6x6 input tiles
+  static void Input(const Lanes d[6], Lanes r[6]) { InputPoints(d, r); }
+  static void Output(const Lanes m[6], Lanes r[4]) { OutputPoints(m, r); }
+  static void Grad(const Lanes g[4], Lanes r[6]) { GradPoints(g, r); }
+};
+template <>
+struct Points<2> {  // F(2x2, 3x3): 4x4 input tiles
+  static void Input(const Lanes d[4], Lanes r[4]) { InputPoints2(d, r); }
+  static void Output(const Lanes m[4], Lanes r[2]) { OutputPoints2(m, r); }
+  static void Grad(const Lanes g[2], Lanes r[4]) { GradPoints2(g, r); }
+};
+
+// Buffers are float32 or bfloat16 (uint16_t); the arithmetic is float32 either way.
+inline Lanes LoadAny(const float* p) { return Load(p); }
+inline Lanes LoadAny(const uint16_t* p) { return LoadBf16(p); }
+inline void StoreAny(float* p, Lanes v) { Store(p, v); }
+inline void StoreAny(uint16_t* p, Lanes v) { StoreBf16(p, v); }
+
+// V[p][t - t0][c] = B^T d B for the (M+2)x(M+2) input tiles d of the MxM output tiles t in [t0, t1) of
+// x [n, h, w, c] (zero padding 1).
+template <int M, class In, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void InputTransform(
-    const float* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, float* __restrict v) {
-  const int64_t th = h / 4, tw = w / 4, tc = t1 - t0;
+    const In* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, Out* __restrict v) {
+  constexpr int A = M + 2;
+  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
 #pragma omp parallel for schedule(static)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
-      Lanes cols[6][6];  // cols[b][a] = (B^T d)[a][b]
-      for (int b = 0; b < 6; ++b) {
-        const int64_t xx = 4 * j - 1 + b;
-        Lanes d[6];
-        for (int a = 0; a < 6; ++a) {
-          const int64_t y = 4 * i - 1 + a;
-          d[a] = (y >= 0 && y < h && xx >= 0 && xx < w) ? Load(x + ((n * h + y) * w + xx) * c + c0) : Lanes{};
+      Lanes cols[A][A];  // cols[b][a] = (B^T d)[a][b]
+      for (int b = 0; b < A; ++b) {
+        const int64_t xx = M * j - 1 + b;
+        Lanes d[A];
+        for (int a = 0; a < A; ++a) {
+          const int64_t y = M * i - 1 + a;
+          d[a] = (y >= 0 && y < h && xx >= 0 && xx < w) ? LoadAny(x + ((n * h + y) * w + xx) * c + c0) : Lanes{};
         }
-        InputPoints(d, cols[b]);
+        Points<M>::Input(d, cols[b]);
       }
-      for (int a = 0; a < 6; ++a) {
-        Lanes row[6], out[6];
-        for (int b = 0; b < 6; ++b) row[b] = cols[b][a];
-        InputPoints(row, out);
-        for (int b = 0; b < 6; ++b) Store(v + ((a * 6 + b) * tc + (t - t0)) * c + c0, out[b]);
+      for (int a = 0; a < A; ++a) {
+        Lanes row[A], out[A];
+        for (int b = 0; b < A; ++b) row[b] = cols[b][a];
+        Points<M>::Input(row, out);
+        for (int b = 0; b < A; ++b) StoreAny(v + ((a * A + b) * tc + (t - t0)) * c + c0, out[b]);
       }
     }
   }
 }
 
-// y's 4x4 tiles t in [t0, t1) = A^T m A of M[p][t - t0][o].
+// y's MxM tiles t in [t0, t1) = A^T m A of M[p][t - t0][o] (float32).
+template <int M, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransform(
-    const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, float* __restrict y) {
-  const int64_t th = h / 4, tw = w / 4, tc = t1 - t0;
+    const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict y) {
+  constexpr int A = M + 2;
+  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
 #pragma omp parallel for schedule(static)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
-      Lanes rows[6][4];  // rows[a][s] = (m A)[a][s]
-      for (int a = 0; a < 6; ++a) {
-        Lanes q[6];
-        for (int b = 0; b < 6; ++b) q[b] = Load(m + ((a * 6 + b) * tc + (t - t0)) * o + c0);
-        OutputPoints(q, rows[a]);
+      Lanes rows[A][M];  // rows[a][s] = (m A)[a][s]
+      for (int a = 0; a < A; ++a) {
+        Lanes q[A];
+        for (int b = 0; b < A; ++b) q[b] = Load(m + ((a * A + b) * tc + (t - t0)) * o + c0);
+        Points<M>::Output(q, rows[a]);
       }
-      for (int s = 0; s < 4; ++s) {
-        Lanes col[6], out[4];
-        for (int a = 0; a < 6; ++a) col[a] = rows[a][s];
-        OutputPoints(col, out);
-        for (int r = 0; r < 4; ++r) Store(y + ((n * h + 4 * i + r) * w + 4 * j + s) * o + c0, out[r]);
+      for (int s = 0; s < M; ++s) {
+        Lanes col[A], out[M];
+        for (int a = 0; a < A; ++a) col[a] = rows[a][s];
+        Points<M>::Output(col, out);
+        for (int r = 0; r < M; ++r) StoreAny(y + ((n * h + M * i + r) * w + M * j + s) * o + c0, out[r]);
       }
     }
   }
 }
 
-// dM[p][t - t0][o] = A g A^T of dy's 4x4 tiles g, t in [t0, t1): the transpose of the output transform.
+// dM[p][t - t0][o] = A g A^T of dy's MxM tiles g, t in [t0, t1): the transpose of the output transform.
+template <int M, class In, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void GradTransform(
-    const float* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, float* __restrict dm) {
-  const int64_t th = h / 4, tw = w / 4, tc = t1 - t0;
+    const In* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict dm) {
+  constexpr int A = M + 2;
+  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
 #pragma omp parallel for schedule(static)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
-      Lanes rows[4][6];  // rows[r][b] = (g A^T)[r][b]
-      for (int r = 0; r < 4; ++r) {
-        Lanes g[4];
-        for (int s = 0; s < 4; ++s) g[s] = Load(dy + ((n * h + 4 * i + r) * w + 4 * j + s) * o + c0);
-        GradPoints(g, rows[r]);
+      Lanes rows[M][A];  // rows[r][b] = (g A^T)[r][b]
+      for (int r = 0; r < M; ++r) {
+        Lanes g[M];
+        for (int s = 0; s < M; ++s) g[s] = LoadAny(dy + ((n * h + M * i + r) * w + M * j + s) * o + c0);
+        Points<M>::Grad(g, rows[r]);
       }
-      for (int b = 0; b < 6; ++b) {
-        Lanes col[4], out[6];
-        for (int r = 0; r < 4; ++r) col[r] = rows[r][b];
-        GradPoints(col, out);
-        for (int a = 0; a < 6; ++a) Store(dm + ((a * 6 + b) * tc + (t - t0)) * o + c0, out[a]);
+      for (int b = 0; b < A; ++b) {
+        Lanes col[M], out[A];
+        for (int r = 0; r < M; ++r) col[r] = rows[r][b];
+        Points<M>::Grad(col, out);
+        for (int a = 0; a < A; ++a) StoreAny(dm + ((a * A + b) * tc + (t - t0)) * o + c0, out[a]);
       }
     }
   }
@@ -591,10 +652,10 @@ ffi::Error WinoForward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::AnyB
   std::string error;
   for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
     const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform(xp, k.h, k.w, k.c, t0, t1, v);
+    InputTransform<4>(xp, k.h, k.w, k.c, t0, t1, v);
     if (Matmul({t1 - t0, k.c, k.o, 0, 0, k.team}, v, static_cast<const float*>(u.untyped_data()), m, &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
-    OutputTransform(m, k.h, k.w, k.o, t0, t1, static_cast<float*>(y->untyped_data()));
+    OutputTransform<4>(m, k.h, k.w, k.o, t0, t1, static_cast<float*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 }
@@ -614,8 +675,8 @@ ffi::Error WinoBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
   std::string error;
   for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
     const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform(static_cast<const float*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, v);
-    GradTransform(static_cast<const float*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, m);
+    InputTransform<4>(static_cast<const float*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, v);
+    GradTransform<4>(static_cast<const float*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, m);
     if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team}, v, m, static_cast<float*>(du->untyped_data()), &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
   }
@@ -632,115 +693,6 @@ ffi::Error WinoBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
 // 5.7e-2). 16 products instead of 36 per 2x2 tile: 2.25x fewer multiplications. The transforms compute in
 // float32; the transformed tiles and dy's are bfloat16, the products accumulate in float32.
 
-typedef uint16_t Bf16Lanes __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t Bits __attribute__((vector_size(64)));
-typedef int32_t Mask __attribute__((vector_size(64)));
-
-inline Lanes LoadBf16(const uint16_t* p) {
-  return (Lanes)(__builtin_convertvector(*reinterpret_cast<const Bf16Lanes*>(p), Bits) << 16);
-}
-// Round to nearest even, as XLA's float32 -> bfloat16 convert does; NaNs stay (quiet) NaNs.
-inline void StoreBf16(uint16_t* p, Lanes v) {
-  const Bits u = (Bits)v;
-  const Bits rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const Mask nan = (Mask)((u & 0x7FFFFFFFu) > 0x7F800000u);
-  *reinterpret_cast<Bf16Lanes*>(p) = __builtin_convertvector(nan ? ((u >> 16) | 0x40u) : rounded, Bf16Lanes);
-}
-
-inline void InputPoints2(const Lanes d[4], Lanes r[4]) {  // B^T d
-  r[0] = d[0] - d[2];
-  r[1] = d[1] + d[2];
-  r[2] = d[2] - d[1];
-  r[3] = d[1] - d[3];
-}
-inline void OutputPoints2(const Lanes m[4], Lanes r[2]) {  // A^T m
-  r[0] = m[0] + m[1] + m[2];
-  r[1] = m[1] - m[2] - m[3];
-}
-inline void GradPoints2(const Lanes g[2], Lanes r[4]) {  // A g: the transpose of OutputPoints2
-  r[0] = g[0];
-  r[1] = g[0] + g[1];
-  r[2] = g[0] - g[1];
-  r[3] = -g[1];
-}
-
-// V[p][t - t0][c] = B^T d B for the 4x4 input tiles d of 2x2 output tiles t in [t0, t1) of x (zero padding 1).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void InputTransform2(
-    const uint16_t* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, uint16_t* __restrict v) {
-  const int64_t th = h / 2, tw = w / 2, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
-    for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
-      Lanes cols[4][4];  // cols[b][a] = (B^T d)[a][b]
-      for (int b = 0; b < 4; ++b) {
-        const int64_t xx = 2 * j - 1 + b;
-        Lanes d[4];
-        for (int a = 0; a < 4; ++a) {
-          const int64_t y = 2 * i - 1 + a;
-          d[a] = (y >= 0 && y < h && xx >= 0 && xx < w) ? LoadBf16(x + ((n * h + y) * w + xx) * c + c0) : Lanes{};
-        }
-        InputPoints2(d, cols[b]);
-      }
-      for (int a = 0; a < 4; ++a) {
-        Lanes row[4], out[4];
-        for (int b = 0; b < 4; ++b) row[b] = cols[b][a];
-        InputPoints2(row, out);
-        for (int b = 0; b < 4; ++b) StoreBf16(v + ((a * 4 + b) * tc + (t - t0)) * c + c0, out[b]);
-      }
-    }
-  }
-}
-
-// y's 2x2 tiles t in [t0, t1) = A^T m A of M[p][t - t0][o] (float32), rounded to bfloat16.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransform2(
-    const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, uint16_t* __restrict y) {
-  const int64_t th = h / 2, tw = w / 2, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
-    for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
-      Lanes rows[4][2];  // rows[a][s] = (m A)[a][s]
-      for (int a = 0; a < 4; ++a) {
-        Lanes q[4];
-        for (int b = 0; b < 4; ++b) q[b] = Load(m + ((a * 4 + b) * tc + (t - t0)) * o + c0);
-        OutputPoints2(q, rows[a]);
-      }
-      for (int s = 0; s < 2; ++s) {
-        Lanes col[4], out[2];
-        for (int a = 0; a < 4; ++a) col[a] = rows[a][s];
-        OutputPoints2(col, out);
-        for (int r = 0; r < 2; ++r) StoreBf16(y + ((n * h + 2 * i + r) * w + 2 * j + s) * o + c0, out[r]);
-      }
-    }
-  }
-}
-
-// dM[p][t - t0][o] = A g A^T of dy's 2x2 tiles g, t in [t0, t1), in bfloat16 (exact sums of at most 4 of dy's values,
-// rounded once).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void GradTransform2(
-    const uint16_t* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, uint16_t* __restrict dm) {
-  const int64_t th = h / 2, tw = w / 2, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
-    for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
-      Lanes rows[2][4];  // rows[r][b] = (g A^T)[r][b]
-      for (int r = 0; r < 2; ++r) {
-        Lanes g[2];
-        for (int s = 0; s < 2; ++s) g[s] = LoadBf16(dy + ((n * h + 2 * i + r) * w + 2 * j + s) * o + c0);
-        GradPoints2(g, rows[r]);
-      }
-      for (int b = 0; b < 4; ++b) {
-        Lanes col[2], out[4];
-        for (int r = 0; r < 2; ++r) col[r] = rows[r][b];
-        GradPoints2(col, out);
-        for (int a = 0; a < 4; ++a) StoreBf16(dm + ((a * 4 + b) * tc + (t - t0)) * o + c0, out[a]);
-      }
-    }
-  }
-}
-
 struct Wino2Buffers {
   std::vector<uint16_t> v, dm;
   std::vector<float> m;
@@ -750,8 +702,9 @@ Wino2Buffers& LocalWino2() {
   return buffers;
 }
 
-// Checks x [n, h, w, c] (bfloat16) and the output channels `o`, sets the team; -> tiles and chunk.
-ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* call) {
+// Checks x [n, h, w, c] (bfloat16) and the output channels `o`, sets the team, chunks the tiles and sizes the
+// calling thread's transformed-input buffer (*buf); the caller sizes the one it needs next to it.
+ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* call, Wino2Buffers** buf) {
   auto d = x.dimensions();
   if (x.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("winograd F(2x2) conv: bfloat16 only");
@@ -760,6 +713,8 @@ ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* ca
         "winograd F(2x2) conv: NHWC input, height and width multiples of 2, channels of 16");
   const int64_t tiles = d[0] * (d[1] / 2) * (d[2] / 2);
   *call = {d[0], d[1], d[2], d[3], o, tiles, ChunkTiles(tiles, std::max(d[3], o)), SetTeam(threads), nullptr};
+  *buf = &LocalWino2();
+  (*buf)->v.resize(16 * call->chunk * call->c);
   return ffi::Error::Success();
 }
 
@@ -772,19 +727,19 @@ ffi::Error Wino2Forward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::Any
       ud[1] != x.dimensions()[3])
     return ffi::Error::InvalidArgument("winograd F(2x2) conv: transformed weights must be bfloat16 [16, c, o]");
   WinoCall k;
-  ffi::Error e = StartWino2(x, ud[2], threads, &k);
+  Wino2Buffers* b;
+  ffi::Error e = StartWino2(x, ud[2], threads, &k, &b);
   if (e.failure()) return e;
-  Wino2Buffers& buf = LocalWino2();
-  buf.v.resize(16 * k.chunk * k.c);
+  Wino2Buffers& buf = *b;
   buf.m.resize(16 * k.chunk * k.o);
   std::string error;
   for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
     const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform2(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
+    InputTransform<2>(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
     if (Matmul({t1 - t0, k.c, k.o, 0, 0, k.team, 16, kBF16}, buf.v.data(), u.untyped_data(), buf.m.data(),
                &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
-    OutputTransform2(buf.m.data(), k.h, k.w, k.o, t0, t1, static_cast<uint16_t*>(y->untyped_data()));
+    OutputTransform<2>(buf.m.data(), k.h, k.w, k.o, t0, t1, static_cast<uint16_t*>(y->untyped_data()));
   }
   return ffi::Error::Success();
 }
@@ -798,16 +753,16 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
     return ffi::Error::InvalidArgument(
         "winograd F(2x2) conv: dy must be bfloat16 [n, h, w, o] like x, and du float32 [16, c, o]");
   WinoCall k;
-  ffi::Error e = StartWino2(x, gd[3], threads, &k);
+  Wino2Buffers* b;
+  ffi::Error e = StartWino2(x, gd[3], threads, &k, &b);
   if (e.failure()) return e;
-  Wino2Buffers& buf = LocalWino2();
-  buf.v.resize(16 * k.chunk * k.c);
+  Wino2Buffers& buf = *b;
   buf.dm.resize(16 * k.chunk * k.o);
   std::string error;
   for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
     const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform2(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
-    GradTransform2(static_cast<const uint16_t*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, buf.dm.data());
+    InputTransform<2>(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
+    GradTransform<2>(static_cast<const uint16_t*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, buf.dm.data());
     if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team, 16, kBF16}, buf.v.data(), buf.dm.data(),
                static_cast<float*>(du->untyped_data()), &error) != 0)
       return ffi::Error(ffi::ErrorCode::kInternal, error);
