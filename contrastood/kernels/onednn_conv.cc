@@ -391,6 +391,7 @@ inline void GradPoints(const Lanes g[4], Lanes r[6]) {  // A g: the transpose of
   r[5] = g[3];
 }
 
+// bfloat16 buffers of the F(2x2) kernel (its section below says why F(2x2) in bfloat16): 16 lanes as uint16_t.
 typedef uint16_t Bf16Lanes __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t Bits __attribute__((vector_size(64)));
 typedef int32_t Mask __attribute__((vector_size(64)));
