@@ -1,5 +1,6 @@
 r"""Milliseconds per convolution layer (forward + backward-data + backward-weights): XLA's kernels,
-contrastood's oneDNN kernels (contrastood.onednn_conv), and PyTorch's channels_last (oneDNN too), side
+contrastood's oneDNN kernels (contrastood.onednn_conv) direct and with Winograd where model.conv=winograd
+uses it (other layers repeat the direct time), and PyTorch's channels_last (oneDNN too), side
 by side in one run.
 
   python benchmarks/conv_throughput.py                         # the tiny ResNet's layers, 256 images
@@ -13,6 +14,7 @@ out when torch is not installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 from contrastood import host_memory
@@ -52,6 +54,13 @@ def jax_ms(conv, x, w, stride: int, options: dict, repeats: int) -> float:
 
     step = jax.jit(forward_backward, compiler_options=options)
     return _ms(lambda: jax.block_until_ready(step(x, w)), repeats)
+
+
+def _winograd_applies(x, w, stride: int) -> bool:
+    """Whether model.conv=winograd replaces this layer's direct kernels (else its column repeats oneDNN's)."""
+    pads = (w.shape[0] // 2,) * 4 if stride == 1 else (0, 1, 0, 1)  # SAME on these even sizes
+    supports = onednn_conv.winograd_bf16_supports if x.dtype == jnp.bfloat16 else onednn_conv.winograd_supports
+    return supports(x, w, (stride, stride), pads)
 
 
 def torch_ms(batch: int, size: int, cin: int, cout: int, k: int, stride: int, dtype: str, repeats: int) -> float:
@@ -98,6 +107,9 @@ def main():
         row = {"XLA": jax_ms(jax.lax.conv_general_dilated, x, w, stride, options["xla"], args.repeats)}
         if problem is None:
             row["oneDNN"] = jax_ms(onednn_conv.conv_general_dilated, x, w, stride, options["onednn"], args.repeats)
+            winograd = functools.partial(onednn_conv.conv_general_dilated, winograd=True)
+            row["Winograd"] = (jax_ms(winograd, x, w, stride, options["onednn"], args.repeats)
+                               if _winograd_applies(x, w, stride) else row["oneDNN"])
         if has_torch:
             row["PyTorch cl"] = torch_ms(args.batch, size, cin, cout, k, stride, args.dtype, args.repeats)
         for name, ms in row.items():
