@@ -315,7 +315,9 @@ def test_bfloat16_layers_stay_direct_on_cpus_without_bfloat16_hardware(monkeypat
 # --- Winograd F(2x2, 3x3), bfloat16 ---
 
 # (batch, size, in, out): one tile (2x2), several, rectangular channel counts, a batch of one
-WINO_BF16_CASES = [(3, 2, 64, 64), (2, 6, 64, 96), (2, 4, 80, 64), (1, 10, 128, 64)]
+# The last two: 1280 tiles, several chunks per thread in both kernels (each thread's own weight-gradient sum);
+# 272 x 256 channels, past the per-thread sums (the team shares each chunk's matmul).
+WINO_BF16_CASES = [(3, 2, 64, 64), (2, 6, 64, 96), (2, 4, 80, 64), (1, 10, 128, 64), (20, 16, 64, 64), (2, 4, 272, 256)]
 
 
 @pytest.mark.parametrize("case", WINO_BF16_CASES, ids=[f"{c[1]}px-{c[2]}to{c[3]}" for c in WINO_BF16_CASES])
@@ -343,6 +345,9 @@ def test_winograd_bf16_forward_and_both_gradients_match_lax(case, monkeypatch):
         if name == "winograd":
             assert _targets(grad.lower(x, w, t).compile().as_text()) == [
                 "Wino2BackwardWeights", "Wino2Forward", "Wino2Forward"]
+            _, again = grad(x, w, t)  # the threads split the work the same way every call: the same bits
+            for first, second in zip((dx, dw), again):
+                np.testing.assert_array_equal(np.asarray(first, np.float32), np.asarray(second, np.float32))
     # y, unrounded, as the reference for how far each kernel's forward is
     y32 = np.asarray(jax.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME",
                                                   dimension_numbers=NHWC, precision=jax.lax.Precision.HIGHEST))

@@ -447,13 +447,15 @@ inline void StoreAny(float* p, Lanes v) { Store(p, v); }
 inline void StoreAny(uint16_t* p, Lanes v) { StoreBf16(p, v); }
 
 // V[p][t - t0][c] = B^T d B for the (M+2)x(M+2) input tiles d of the MxM output tiles t in [t0, t1) of
-// x [n, h, w, c] (zero padding 1).
+// x [n, h, w, c] (zero padding 1). `team`: share the tiles among the calling thread's team (false: inside a
+// parallel region that already split the work).
 template <int M, class In, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void InputTransform(
-    const In* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, Out* __restrict v) {
+    const In* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, Out* __restrict v,
+    bool team = true) {
   constexpr int A = M + 2;
   const int64_t th = h / M, tw = w / M, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (team)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
@@ -480,10 +482,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void InputTransform
 // y's MxM tiles t in [t0, t1) = A^T m A of M[p][t - t0][o] (float32).
 template <int M, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransform(
-    const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict y) {
+    const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict y,
+    bool team = true) {
   constexpr int A = M + 2;
   const int64_t th = h / M, tw = w / M, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (team)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
@@ -506,10 +509,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransfor
 // dM[p][t - t0][o] = A g A^T of dy's MxM tiles g, t in [t0, t1): the transpose of the output transform.
 template <int M, class In, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void GradTransform(
-    const In* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict dm) {
+    const In* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict dm,
+    bool team = true) {
   constexpr int A = M + 2;
   const int64_t th = h / M, tw = w / M, tc = t1 - t0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (team)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
     for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
@@ -703,9 +707,8 @@ Wino2Buffers& LocalWino2() {
   return buffers;
 }
 
-// Checks x [n, h, w, c] (bfloat16) and the output channels `o`, sets the team, chunks the tiles and sizes the
-// calling thread's transformed-input buffer (*buf); the caller sizes the one it needs next to it.
-ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* call, Wino2Buffers** buf) {
+// Checks x [n, h, w, c] (bfloat16) and the output channels `o`, and sets the team.
+ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* call) {
   auto d = x.dimensions();
   if (x.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("winograd F(2x2) conv: bfloat16 only");
@@ -713,14 +716,34 @@ ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* ca
     return ffi::Error::InvalidArgument(
         "winograd F(2x2) conv: NHWC input, height and width multiples of 2, channels of 16");
   const int64_t tiles = d[0] * (d[1] / 2) * (d[2] / 2);
-  *call = {d[0], d[1], d[2], d[3], o, tiles, ChunkTiles(tiles, std::max(d[3], o)), SetTeam(threads), nullptr};
-  *buf = &LocalWino2();
-  (*buf)->v.resize(16 * call->chunk * call->c);
+  *call = {d[0], d[1], d[2], d[3], o, tiles, 0, SetTeam(threads), nullptr};
   return ffi::Error::Success();
 }
 
+// Why each thread runs whole chunks (transform, a single-threaded matmul, transform) in one parallel region,
+// instead of the team sharing each step of a larger chunk: one fork and join per call instead of three per
+// chunk, and a chunk's transformed tiles and products stay in its core's cache. Chunks of 2^15 tiles x
+// channels ran the forward 14-30% faster at 64-256 channels than the team's 2^17 (level at 512), and the
+// bfloat16 ResNet-18 step about 6% faster (results/README.md). The matmul inside the region is oneDNN's on the
+// calling thread alone (oneDNN runs single-threaded inside a parallel region), and the transforms are told not
+// to open a team of their own.
+constexpr int64_t kThreadChunkBudget = int64_t{1} << 15;  // tiles x channels per chunk of one thread
+int64_t EvenChunks(int64_t tiles, int64_t want) {
+  const int64_t chunks = (tiles + want - 1) / want;
+  return (tiles + chunks - 1) / chunks;
+}
+
+Wino2Buffers& SizedWino2(int64_t v, int64_t m, int64_t dm) {  // the calling thread's buffers, at least this large
+  Wino2Buffers& buf = LocalWino2();
+  if (buf.v.size() < static_cast<size_t>(v)) buf.v.resize(v);
+  if (buf.m.size() < static_cast<size_t>(m)) buf.m.resize(m);
+  if (buf.dm.size() < static_cast<size_t>(dm)) buf.dm.resize(dm);
+  return buf;
+}
+
 // y [n, h, w, o] (bfloat16) = the 3x3 stride-1 pad-1 convolution of x [n, h, w, c] with transformed weights
-// u [16, c, o] (bfloat16).
+// u [16, c, o] (bfloat16). Each output tile comes from one chunk, whichever thread runs it, so the threads take
+// chunks as they come free (dynamic) and the result stays deterministic.
 ffi::Error Wino2Forward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   auto ud = u.dimensions();
@@ -728,24 +751,39 @@ ffi::Error Wino2Forward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::Any
       ud[1] != x.dimensions()[3])
     return ffi::Error::InvalidArgument("winograd F(2x2) conv: transformed weights must be bfloat16 [16, c, o]");
   WinoCall k;
-  Wino2Buffers* b;
-  ffi::Error e = StartWino2(x, ud[2], threads, &k, &b);
+  ffi::Error e = StartWino2(x, ud[2], threads, &k);
   if (e.failure()) return e;
-  Wino2Buffers& buf = *b;
-  buf.m.resize(16 * k.chunk * k.o);
+  const int64_t chunk = EvenChunks(k.tiles, std::max<int64_t>(16, kThreadChunkBudget / std::max(k.c, k.o)));
+  const int64_t chunks = (k.tiles + chunk - 1) / chunk;
+  const auto* xp = static_cast<const uint16_t*>(x.untyped_data());
+  auto* yp = static_cast<uint16_t*>(y->untyped_data());
   std::string error;
-  for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
-    const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform<2>(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
-    if (Matmul({t1 - t0, k.c, k.o, 0, 0, k.team, 16, kBF16}, buf.v.data(), u.untyped_data(), buf.m.data(),
-               &error) != 0)
-      return ffi::Error(ffi::ErrorCode::kInternal, error);
-    OutputTransform<2>(buf.m.data(), k.h, k.w, k.o, t0, t1, static_cast<uint16_t*>(y->untyped_data()));
+#pragma omp parallel num_threads(k.team)
+  {
+    Wino2Buffers& buf = SizedWino2(16 * chunk * k.c, 16 * chunk * k.o, 0);
+    std::string local;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < chunks; ++i) {
+      if (!local.empty()) continue;
+      const int64_t t0 = i * chunk, t1 = std::min(k.tiles, t0 + chunk);
+      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
+      if (Matmul({t1 - t0, k.c, k.o, 0, 0, 1, 16, kBF16}, buf.v.data(), u.untyped_data(), buf.m.data(), &local) != 0)
+        continue;
+      OutputTransform<2>(buf.m.data(), k.h, k.w, k.o, t0, t1, yp, false);
+    }
+    if (!local.empty()) {
+#pragma omp critical
+      error = local;
+    }
   }
+  if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
   return ffi::Error::Success();
 }
 
 // du [16, c, o] (float32) = sum over tiles of (B^T d B)^T (A dy A^T): the gradient of u in Wino2Forward.
+// Up to 256 x 256 channels each thread sums its chunks (every team-th, in order, so the sum is deterministic)
+// into its own du, thread 0's being the result, and the sums are added at the end. Wider, the per-thread sums
+// (16 MB each at 512 x 512) cost more than they save (0.91-0.97x), so the team shares each chunk's matmul.
 ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> du,
                                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   auto xd = x.dimensions(), gd = dy.dimensions();
@@ -754,20 +792,56 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
     return ffi::Error::InvalidArgument(
         "winograd F(2x2) conv: dy must be bfloat16 [n, h, w, o] like x, and du float32 [16, c, o]");
   WinoCall k;
-  Wino2Buffers* b;
-  ffi::Error e = StartWino2(x, gd[3], threads, &k, &b);
+  ffi::Error e = StartWino2(x, gd[3], threads, &k);
   if (e.failure()) return e;
-  Wino2Buffers& buf = *b;
-  buf.dm.resize(16 * k.chunk * k.o);
+  const auto* xp = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* gp = static_cast<const uint16_t*>(dy.untyped_data());
+  auto* dup = static_cast<float*>(du->untyped_data());
   std::string error;
-  for (int64_t t0 = 0; t0 < k.tiles; t0 += k.chunk) {
-    const int64_t t1 = std::min(k.tiles, t0 + k.chunk);
-    InputTransform<2>(static_cast<const uint16_t*>(x.untyped_data()), k.h, k.w, k.c, t0, t1, buf.v.data());
-    GradTransform<2>(static_cast<const uint16_t*>(dy.untyped_data()), k.h, k.w, k.o, t0, t1, buf.dm.data());
-    if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team, 16, kBF16}, buf.v.data(), buf.dm.data(),
-               static_cast<float*>(du->untyped_data()), &error) != 0)
-      return ffi::Error(ffi::ErrorCode::kInternal, error);
+  if (k.c * k.o > 256 * 256) {
+    const int64_t chunk = ChunkTiles(k.tiles, std::max(k.c, k.o));
+    Wino2Buffers& buf = SizedWino2(16 * chunk * k.c, 0, 16 * chunk * k.o);
+    for (int64_t t0 = 0; t0 < k.tiles; t0 += chunk) {
+      const int64_t t1 = std::min(k.tiles, t0 + chunk);
+      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), true);
+      GradTransform<2>(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), true);
+      if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team, 16, kBF16}, buf.v.data(), buf.dm.data(), dup, &error) != 0)
+        return ffi::Error(ffi::ErrorCode::kInternal, error);
+    }
+    return ffi::Error::Success();
   }
+  // At least 256 tiles per matmul: its inner dimension is the tiles, and each one reads and writes the whole sum.
+  const int64_t chunk = EvenChunks(k.tiles, std::max<int64_t>(256, 2 * kThreadChunkBudget / std::max(k.c, k.o)));
+  const int64_t chunks = (k.tiles + chunk - 1) / chunk, size = 16 * k.c * k.o;
+  const int team = static_cast<int>(std::min<int64_t>(k.team, chunks));
+  thread_local std::vector<float> partials;  // threads 1.. of the calling thread's team sum here
+  if (partials.size() < static_cast<size_t>((team - 1) * size)) partials.resize((team - 1) * size);
+  float* others = partials.data();
+#pragma omp parallel num_threads(team)
+  {
+    const int t = omp_get_thread_num();
+    Wino2Buffers& buf = SizedWino2(16 * chunk * k.c, 0, 16 * chunk * k.o);
+    float* sum = t == 0 ? dup : others + (t - 1) * size;
+    std::string local;
+    bool first = true;
+    for (int64_t i = t; i < chunks && local.empty(); i += team) {
+      const int64_t t0 = i * chunk, t1 = std::min(k.tiles, t0 + chunk);
+      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
+      GradTransform<2>(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), false);
+      if (Matmul({k.c, t1 - t0, k.o, 1, !first, 1, 16, kBF16}, buf.v.data(), buf.dm.data(), sum, &local) == 0)
+        first = false;
+    }
+    if (first) std::fill(sum, sum + size, 0.0f);  // no chunk done: this thread adds nothing
+    if (!local.empty()) {
+#pragma omp critical
+      error = local;
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < size; ++j)
+      for (int r = 0; r < team - 1; ++r) dup[j] += others[r * size + j];
+  }
+  if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
   return ffi::Error::Success();
 }
 }  // namespace
@@ -799,3 +873,4 @@ extern "C" int contrastood_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
 }
+
