@@ -722,9 +722,9 @@ ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* ca
 
 // Why each thread runs whole chunks (transform, a single-threaded matmul, transform) in one parallel region,
 // instead of the team sharing each step of a larger chunk: one fork and join per call instead of three per
-// chunk, and a chunk's transformed tiles and products stay in its core's cache. Chunks of 2^15 tiles x
-// channels ran the forward 14-30% faster at 64-256 channels than the team's 2^17 (level at 512), and the
-// bfloat16 ResNet-18 step about 6% faster (results/README.md). The matmul inside the region is oneDNN's on the
+// chunk, and a chunk's transformed tiles and products stay in its core's cache. With chunks of 2^15 tiles x
+// channels the forward ran 1.14-1.32x as fast as the team's 2^17 at 64 and 128 channels, 1.02-1.26x at 256 and
+// level at 512, and the bfloat16 ResNet-18 step about 6% faster (results/README.md). The matmul inside the region is oneDNN's on the
 // calling thread alone (oneDNN runs single-threaded inside a parallel region), and the transforms are told not
 // to open a team of their own.
 constexpr int64_t kThreadChunkBudget = int64_t{1} << 15;  // tiles x channels per chunk of one thread
@@ -810,7 +810,8 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
     }
     return ffi::Error::Success();
   }
-  // At least 256 tiles per matmul: its inner dimension is the tiles, and each one reads and writes the whole sum.
+  // 2^16 tile-channels and at least 256 tiles per matmul (twice the forward's chunk): its inner dimension is the
+  // tiles, and each matmul reads and writes the thread's whole sum.
   const int64_t chunk = EvenChunks(k.tiles, std::max<int64_t>(256, 2 * kThreadChunkBudget / std::max(k.c, k.o)));
   const int64_t chunks = (k.tiles + chunk - 1) / chunk, size = 16 * k.c * k.o;
   const int team = static_cast<int>(std::min<int64_t>(k.team, chunks));
@@ -873,4 +874,3 @@ extern "C" int contrastood_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
 }
-
