@@ -360,11 +360,15 @@ inline void Store(float* p, Lanes v) { *reinterpret_cast<Lanes*>(p) = v; }
 
 // Chunks of tiles small enough for the transformed tiles [36, tiles, c] to stay in the cache next to the
 // matmul; 2048 tiles of 64 channels ran the [tiles, 64] x [64, 64] products 2.1x faster than all 16384 at once.
-int64_t ChunkTiles(int64_t tiles, int64_t channels) {
-  const int64_t budget = int64_t{1} << 17;  // tiles x channels per chunk
-  const int64_t want = std::max<int64_t>(64, budget / std::max<int64_t>(channels, 1));
+// Tiles per chunk for chunks of at most `want` tiles, as even as they can be.
+int64_t EvenChunks(int64_t tiles, int64_t want) {
   const int64_t chunks = (tiles + want - 1) / want;
   return (tiles + chunks - 1) / chunks;
+}
+
+int64_t ChunkTiles(int64_t tiles, int64_t channels) {
+  const int64_t budget = int64_t{1} << 17;  // tiles x channels per chunk
+  return EvenChunks(tiles, std::max<int64_t>(64, budget / std::max<int64_t>(channels, 1)));
 }
 
 // The 6-point transforms, each one matrix's rows written out (its zeros skipped).
@@ -728,10 +732,6 @@ ffi::Error StartWino2(ffi::AnyBuffer x, int64_t o, int64_t threads, WinoCall* ca
 // calling thread alone (oneDNN runs single-threaded inside a parallel region), and the transforms are told not
 // to open a team of their own.
 constexpr int64_t kThreadChunkBudget = int64_t{1} << 15;  // tiles x channels per chunk of one thread
-int64_t EvenChunks(int64_t tiles, int64_t want) {
-  const int64_t chunks = (tiles + want - 1) / want;
-  return (tiles + chunks - 1) / chunks;
-}
 
 Wino2Buffers& SizedWino2(int64_t v, int64_t m, int64_t dm) {  // the calling thread's buffers, at least this large
   Wino2Buffers& buf = LocalWino2();
