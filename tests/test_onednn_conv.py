@@ -361,6 +361,37 @@ def test_winograd_bf16_forward_and_both_gradients_match_lax(case, monkeypatch):
         assert np.abs(got - want).max() / scale > 0, "bit-equal to lax: not Winograd's arithmetic"
 
 
+def test_winograd_bf16_one_instruction_tile_rounding_gives_the_same_bits_as_the_exact_one(monkeypatch):
+    """On AVX512_BF16 CPUs the transforms round the matmul's tiles with VCVTNEPS2BF16, which flushes denormals to
+    zero where the exact rounding keeps them; the matmul's bfloat16 dot products treat them as zero either way. So
+    y, dx and dw must be bit-equal with the exact rounding, here with one image of denormal pixels (its tiles are
+    all denormal) and several chunks per thread (1280 tiles)."""
+    kernel, error = onednn_conv._kernel()
+    assert error is None, error
+    if not kernel.contrastood_bf16_dot_stores(1):
+        pytest.skip("this CPU has no AVX512_BF16: the transforms always round exactly")
+    monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(20, 16, 16, 64))
+    x[3] *= 1e-39  # below bfloat16's smallest normal (1.2e-38)
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(rng.normal(size=(3, 3, 64, 64)) * 0.06, jnp.bfloat16)
+    assert 0 < np.abs(np.asarray(x[3], np.float32)).max() < 1.2e-38  # (numpy: XLA's ops flush denormals)
+    t = jnp.asarray(rng.normal(size=(20, 16, 16, 64)), jnp.float32)
+    grad = jax.jit(jax.value_and_grad(_loss(_winograd, "SAME", 1), argnums=(0, 1), has_aux=True))
+    assert _targets(grad.lower(x, w, t).compile().as_text()) == ["Wino2BackwardWeights", "Wino2Forward",
+                                                                 "Wino2Forward"]
+    runs = []
+    try:
+        for on in (1, 0):
+            kernel.contrastood_bf16_dot_stores(on)
+            (_, y), (dx, dw) = grad(x, w, t)
+            runs.append([np.asarray(v, np.float32) for v in (y, dx, dw)])
+    finally:
+        kernel.contrastood_bf16_dot_stores(1)
+    for one, exact, what in zip(*runs, ("y", "dx", "dw")):
+        np.testing.assert_array_equal(one, exact, err_msg=what)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_winograd_sharded_over_devices_matches_one_device_and_gathers_no_activations(dtype, monkeypatch):
     monkeypatch.setattr(perf, "cpu_has_bf16", lambda: True)

@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -366,6 +367,15 @@ int64_t EvenChunks(int64_t tiles, int64_t want) {
   return (tiles + chunks - 1) / chunks;
 }
 
+// The same, but an odd number of tiles: for chunks that stay in a core's cache (the F(2x2) kernels' per-thread
+// chunks). A chunk's buffers hold its 16 points' rows [points][tiles][channels] one after another, and a
+// transform writes (or reads) a tile's points together; with a power-of-two number of tiles those rows lie a
+// multiple of 4 KiB apart, in the same cache sets. With chunks of 512 tiles instead of 511, the bfloat16 input
+// and output transforms of a 32x32x64 layer ran 1.6x and 1.9x slower (results/README.md). Padding the rows
+// instead made oneDNN give up its brgemm matmul for a 28% slower one. The float32 F(4x4) chunks (36 points,
+// about 18 MB at 64 channels) are far larger than the cache; odd ones ran 0.94x there at 32x32x64.
+int64_t OddChunks(int64_t tiles, int64_t want) { return EvenChunks(tiles, want) | 1; }
+
 int64_t ChunkTiles(int64_t tiles, int64_t channels) {
   const int64_t budget = int64_t{1} << 17;  // tiles x channels per chunk
   return EvenChunks(tiles, std::max<int64_t>(64, budget / std::max<int64_t>(channels, 1)));
@@ -450,37 +460,119 @@ inline Lanes LoadAny(const uint16_t* p) { return LoadBf16(p); }
 inline void StoreAny(float* p, Lanes v) { Store(p, v); }
 inline void StoreAny(uint16_t* p, Lanes v) { StoreBf16(p, v); }
 
-// V[p][t - t0][c] = B^T d B for the (M+2)x(M+2) input tiles d of the MxM output tiles t in [t0, t1) of
-// x [n, h, w, c] (zero padding 1). `team`: share the tiles among the calling thread's team (false: inside a
-// parallel region that already split the work).
+// How a transform writes its values. ExactStore: float32 as is, bfloat16 rounded as XLA's convert rounds.
+// Bf16DotStore, for bfloat16 tiles that only the bfloat16 matmul reads, on CPUs with AVX512_BF16: the one
+// instruction VCVTNEPS2BF16 instead of ExactStore's seven or so. It rounds to nearest even as well, but flushes
+// denormals to zero, which the matmul's bfloat16 dot products (VDPBF16PS, AMX) do to their inputs anyway, so
+// the products do not change. Inline assembly because the intrinsic would need every caller compiled for
+// AVX512_BF16; it may only be inlined into functions that are (the *Bf16Dot transforms below).
+struct ExactStore {
+  static void Put(float* p, Lanes v) { Store(p, v); }
+  static void Put(uint16_t* p, Lanes v) { StoreBf16(p, v); }
+};
+struct Bf16DotStore {
+  __attribute__((always_inline)) static void Put(uint16_t* p, Lanes v) {
+    Bf16Lanes r;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+    *reinterpret_cast<Bf16Lanes*>(p) = r;
+  }
+};
+
+// V[p][t - t0][c] = B^T d B for the (M+2)x(M+2) input tile d of the MxM output tile t of x [n, h, w, c] (zero
+// padding 1), for a chunk of tc tiles from t0.
+template <int M, class Put, class In, class Out>
+__attribute__((always_inline)) inline void InputTile(const In* __restrict x, int64_t h, int64_t w, int64_t c,
+                                                     int64_t t, int64_t t0, int64_t tc, Out* __restrict v) {
+  constexpr int A = M + 2;
+  const int64_t th = h / M, tw = w / M, stride = tc * c;
+  const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
+  for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
+    Lanes cols[A][A];  // cols[b][a] = (B^T d)[a][b]
+    for (int b = 0; b < A; ++b) {
+      const int64_t xx = M * j - 1 + b;
+      Lanes d[A];
+      for (int a = 0; a < A; ++a) {
+        const int64_t y = M * i - 1 + a;
+        d[a] = (y >= 0 && y < h && xx >= 0 && xx < w) ? LoadAny(x + ((n * h + y) * w + xx) * c + c0) : Lanes{};
+      }
+      Points<M>::Input(d, cols[b]);
+    }
+    for (int a = 0; a < A; ++a) {
+      Lanes row[A], out[A];
+      for (int b = 0; b < A; ++b) row[b] = cols[b][a];
+      Points<M>::Input(row, out);
+      for (int b = 0; b < A; ++b) Put::Put(v + (a * A + b) * stride + (t - t0) * c + c0, out[b]);
+    }
+  }
+}
+
+// dM[p][t - t0][o] = A g A^T of dy's MxM tile g, t: the transpose of the output transform.
+template <int M, class Put, class In, class Out>
+__attribute__((always_inline)) inline void GradTile(const In* __restrict dy, int64_t h, int64_t w, int64_t o,
+                                                    int64_t t, int64_t t0, int64_t tc, Out* __restrict dm) {
+  constexpr int A = M + 2;
+  const int64_t th = h / M, tw = w / M, stride = tc * o;
+  const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
+  for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
+    Lanes rows[M][A];  // rows[r][b] = (g A^T)[r][b]
+    for (int r = 0; r < M; ++r) {
+      Lanes g[M];
+      for (int s = 0; s < M; ++s) g[s] = LoadAny(dy + ((n * h + M * i + r) * w + M * j + s) * o + c0);
+      Points<M>::Grad(g, rows[r]);
+    }
+    for (int b = 0; b < A; ++b) {
+      Lanes col[M], out[A];
+      for (int r = 0; r < M; ++r) col[r] = rows[r][b];
+      Points<M>::Grad(col, out);
+      for (int a = 0; a < A; ++a) Put::Put(dm + (a * A + b) * stride + (t - t0) * o + c0, out[a]);
+    }
+  }
+}
+
+// The tiles t in [t0, t1) of InputTile and GradTile. `team`: share the tiles among the calling thread's team
+// (false: inside a parallel region that already split the work).
 template <int M, class In, class Out>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void InputTransform(
     const In* __restrict x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, Out* __restrict v,
     bool team = true) {
-  constexpr int A = M + 2;
-  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
 #pragma omp parallel for schedule(static) if (team)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
-    for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
-      Lanes cols[A][A];  // cols[b][a] = (B^T d)[a][b]
-      for (int b = 0; b < A; ++b) {
-        const int64_t xx = M * j - 1 + b;
-        Lanes d[A];
-        for (int a = 0; a < A; ++a) {
-          const int64_t y = M * i - 1 + a;
-          d[a] = (y >= 0 && y < h && xx >= 0 && xx < w) ? LoadAny(x + ((n * h + y) * w + xx) * c + c0) : Lanes{};
-        }
-        Points<M>::Input(d, cols[b]);
-      }
-      for (int a = 0; a < A; ++a) {
-        Lanes row[A], out[A];
-        for (int b = 0; b < A; ++b) row[b] = cols[b][a];
-        Points<M>::Input(row, out);
-        for (int b = 0; b < A; ++b) StoreAny(v + ((a * A + b) * tc + (t - t0)) * c + c0, out[b]);
-      }
-    }
-  }
+  for (int64_t t = t0; t < t1; ++t) InputTile<M, ExactStore>(x, h, w, c, t, t0, t1 - t0, v);
+}
+template <int M, class In, class Out>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void GradTransform(
+    const In* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict dm,
+    bool team = true) {
+#pragma omp parallel for schedule(static) if (team)
+  for (int64_t t = t0; t < t1; ++t) GradTile<M, ExactStore>(dy, h, w, o, t, t0, t1 - t0, dm);
+}
+#define CONTRASTOOD_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+CONTRASTOOD_BF16_DOT void InputTransformBf16Dot(const uint16_t* __restrict x, int64_t h, int64_t w, int64_t c,
+                                                int64_t t0, int64_t t1, uint16_t* __restrict v, bool team) {
+#pragma omp parallel for schedule(static) if (team)
+  for (int64_t t = t0; t < t1; ++t) InputTile<2, Bf16DotStore>(x, h, w, c, t, t0, t1 - t0, v);
+}
+CONTRASTOOD_BF16_DOT void GradTransformBf16Dot(const uint16_t* __restrict dy, int64_t h, int64_t w, int64_t o,
+                                               int64_t t0, int64_t t1, uint16_t* __restrict dm, bool team) {
+#pragma omp parallel for schedule(static) if (team)
+  for (int64_t t = t0; t < t1; ++t) GradTile<2, Bf16DotStore>(dy, h, w, o, t, t0, t1 - t0, dm);
+}
+
+// The F(2x2) bfloat16 kernels' transforms into tiles for the matmul: Bf16DotStore's where the CPU has it, unless
+// switched off (contrastood_bf16_dot_stores, for the test that both give the same products).
+std::atomic<bool> bf16_dot_stores{true};
+bool HasBf16Dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && bf16_dot_stores.load(std::memory_order_relaxed);
+}
+void InputTransformBf16(const uint16_t* x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, uint16_t* v,
+                        bool team) {
+  if (HasBf16Dot()) return InputTransformBf16Dot(x, h, w, c, t0, t1, v, team);
+  InputTransform<2>(x, h, w, c, t0, t1, v, team);
+}
+void GradTransformBf16(const uint16_t* dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, uint16_t* dm,
+                       bool team) {
+  if (HasBf16Dot()) return GradTransformBf16Dot(dy, h, w, o, t0, t1, dm, team);
+  GradTransform<2>(dy, h, w, o, t0, t1, dm, team);
 }
 
 // y's MxM tiles t in [t0, t1) = A^T m A of M[p][t - t0][o] (float32).
@@ -489,7 +581,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransfor
     const float* __restrict m, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict y,
     bool team = true) {
   constexpr int A = M + 2;
-  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
+  const int64_t th = h / M, tw = w / M, tc = t1 - t0, stride = tc * o;
 #pragma omp parallel for schedule(static) if (team)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
@@ -497,7 +589,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransfor
       Lanes rows[A][M];  // rows[a][s] = (m A)[a][s]
       for (int a = 0; a < A; ++a) {
         Lanes q[A];
-        for (int b = 0; b < A; ++b) q[b] = Load(m + ((a * A + b) * tc + (t - t0)) * o + c0);
+        for (int b = 0; b < A; ++b) q[b] = Load(m + (a * A + b) * stride + (t - t0) * o + c0);
         Points<M>::Output(q, rows[a]);
       }
       for (int s = 0; s < M; ++s) {
@@ -505,33 +597,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransfor
         for (int a = 0; a < A; ++a) col[a] = rows[a][s];
         Points<M>::Output(col, out);
         for (int r = 0; r < M; ++r) StoreAny(y + ((n * h + M * i + r) * w + M * j + s) * o + c0, out[r]);
-      }
-    }
-  }
-}
-
-// dM[p][t - t0][o] = A g A^T of dy's MxM tiles g, t in [t0, t1): the transpose of the output transform.
-template <int M, class In, class Out>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void GradTransform(
-    const In* __restrict dy, int64_t h, int64_t w, int64_t o, int64_t t0, int64_t t1, Out* __restrict dm,
-    bool team = true) {
-  constexpr int A = M + 2;
-  const int64_t th = h / M, tw = w / M, tc = t1 - t0;
-#pragma omp parallel for schedule(static) if (team)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / (th * tw), i = t / tw % th, j = t % tw;
-    for (int64_t c0 = 0; c0 < o; c0 += kChannelBlock) {
-      Lanes rows[M][A];  // rows[r][b] = (g A^T)[r][b]
-      for (int r = 0; r < M; ++r) {
-        Lanes g[M];
-        for (int s = 0; s < M; ++s) g[s] = LoadAny(dy + ((n * h + M * i + r) * w + M * j + s) * o + c0);
-        Points<M>::Grad(g, rows[r]);
-      }
-      for (int b = 0; b < A; ++b) {
-        Lanes col[M], out[A];
-        for (int r = 0; r < M; ++r) col[r] = rows[r][b];
-        Points<M>::Grad(col, out);
-        for (int a = 0; a < A; ++a) StoreAny(dm + ((a * A + b) * tc + (t - t0)) * o + c0, out[a]);
       }
     }
   }
@@ -753,7 +818,7 @@ ffi::Error Wino2Forward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::Any
   WinoCall k;
   ffi::Error e = StartWino2(x, ud[2], threads, &k);
   if (e.failure()) return e;
-  const int64_t chunk = EvenChunks(k.tiles, std::max<int64_t>(16, kThreadChunkBudget / std::max(k.c, k.o)));
+  const int64_t chunk = OddChunks(k.tiles, std::max<int64_t>(16, kThreadChunkBudget / std::max(k.c, k.o)));
   const int64_t chunks = (k.tiles + chunk - 1) / chunk;
   const auto* xp = static_cast<const uint16_t*>(x.untyped_data());
   auto* yp = static_cast<uint16_t*>(y->untyped_data());
@@ -766,7 +831,7 @@ ffi::Error Wino2Forward(ffi::AnyBuffer x, ffi::AnyBuffer u, ffi::Result<ffi::Any
     for (int64_t i = 0; i < chunks; ++i) {
       if (!local.empty()) continue;
       const int64_t t0 = i * chunk, t1 = std::min(k.tiles, t0 + chunk);
-      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
+      InputTransformBf16(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
       if (Matmul({t1 - t0, k.c, k.o, 0, 0, 1, 16, kBF16}, buf.v.data(), u.untyped_data(), buf.m.data(), &local) != 0)
         continue;
       OutputTransform<2>(buf.m.data(), k.h, k.w, k.o, t0, t1, yp, false);
@@ -803,8 +868,8 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
     Wino2Buffers& buf = SizedWino2(16 * chunk * k.c, 0, 16 * chunk * k.o);
     for (int64_t t0 = 0; t0 < k.tiles; t0 += chunk) {
       const int64_t t1 = std::min(k.tiles, t0 + chunk);
-      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), true);
-      GradTransform<2>(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), true);
+      InputTransformBf16(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), true);
+      GradTransformBf16(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), true);
       if (Matmul({k.c, t1 - t0, k.o, 1, t0 > 0, k.team, 16, kBF16}, buf.v.data(), buf.dm.data(), dup, &error) != 0)
         return ffi::Error(ffi::ErrorCode::kInternal, error);
     }
@@ -812,7 +877,7 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
   }
   // 2^16 tile-channels and at least 256 tiles per matmul (twice the forward's chunk): its inner dimension is the
   // tiles, and each matmul reads and writes the thread's whole sum.
-  const int64_t chunk = EvenChunks(k.tiles, std::max<int64_t>(256, 2 * kThreadChunkBudget / std::max(k.c, k.o)));
+  const int64_t chunk = OddChunks(k.tiles, std::max<int64_t>(256, 2 * kThreadChunkBudget / std::max(k.c, k.o)));
   const int64_t chunks = (k.tiles + chunk - 1) / chunk, size = 16 * k.c * k.o;
   const int team = static_cast<int>(std::min<int64_t>(k.team, chunks));
   thread_local std::vector<float> partials;  // threads 1.. of the calling thread's team sum here
@@ -827,8 +892,8 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
     bool first = true;
     for (int64_t i = t; i < chunks && local.empty(); i += team) {
       const int64_t t0 = i * chunk, t1 = std::min(k.tiles, t0 + chunk);
-      InputTransform<2>(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
-      GradTransform<2>(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), false);
+      InputTransformBf16(xp, k.h, k.w, k.c, t0, t1, buf.v.data(), false);
+      GradTransformBf16(gp, k.h, k.w, k.o, t0, t1, buf.dm.data(), false);
       if (Matmul({k.c, t1 - t0, k.o, 1, !first, 1, 16, kBF16}, buf.v.data(), buf.dm.data(), sum, &local) == 0)
         first = false;
     }
@@ -869,6 +934,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWinoBackwardWeights, WinoBackwardWe
 // Winograd F(2x2, 3x3), bfloat16: (x, u [16, c, o] bfloat16) -> y, and (x, dy) -> du [16, c, o] float32.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2Forward, Wino2Forward, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2BackwardWeights, Wino2BackwardWeights, ConvBinding());
+
+// Switches the F(2x2) transforms' one-instruction bfloat16 stores on (1) or off (0); returns whether this CPU has
+// them (AVX512_BF16).
+extern "C" int contrastood_bf16_dot_stores(int on) {
+  bf16_dot_stores.store(on != 0);
+  return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+}
 
 extern "C" int contrastood_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
