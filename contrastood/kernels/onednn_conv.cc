@@ -560,10 +560,12 @@ CONTRASTOOD_BF16_DOT void GradTransformBf16Dot(const uint16_t* __restrict dy, in
 // The F(2x2) bfloat16 kernels' transforms into tiles for the matmul: Bf16DotStore's where the CPU has it, unless
 // switched off (contrastood_bf16_dot_stores, for the test that both give the same products).
 std::atomic<bool> bf16_dot_stores{true};
-bool HasBf16Dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has && bf16_dot_stores.load(std::memory_order_relaxed);
+bool CpuHasBf16Dot() {  // every ISA extension the *Bf16Dot transforms are compiled for
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
 }
+bool HasBf16Dot() { return CpuHasBf16Dot() && bf16_dot_stores.load(std::memory_order_relaxed); }
 void InputTransformBf16(const uint16_t* x, int64_t h, int64_t w, int64_t c, int64_t t0, int64_t t1, uint16_t* v,
                         bool team) {
   if (HasBf16Dot()) return InputTransformBf16Dot(x, h, w, c, t0, t1, v, team);
@@ -939,7 +941,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2BackwardWeights, Wino2Backward
 // them (AVX512_BF16).
 extern "C" int contrastood_bf16_dot_stores(int on) {
   bf16_dot_stores.store(on != 0);
-  return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+  return CpuHasBf16Dot() ? 1 : 0;
 }
 
 extern "C" int contrastood_onednn_version() {
