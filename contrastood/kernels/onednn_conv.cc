@@ -370,8 +370,8 @@ int64_t EvenChunks(int64_t tiles, int64_t want) {
 // The same, but an odd number of tiles: for chunks that stay in a core's cache (the F(2x2) kernels' per-thread
 // chunks). A chunk's buffers hold its 16 points' rows [points][tiles][channels] one after another, and a
 // transform writes (or reads) a tile's points together; with a power-of-two number of tiles those rows lie a
-// multiple of 4 KiB apart, in the same cache sets. With chunks of 512 tiles instead of 511, the bfloat16 input
-// and output transforms of a 32x32x64 layer ran 1.6x and 1.9x slower (results/README.md). Padding the rows
+// multiple of 4 KiB apart, in the same cache sets. With chunks of 512 tiles instead of 513, the output transform
+// of a 32x32x64 layer ran 3.2x slower (benchmarks/winograd_transforms.py). Padding the rows
 // instead made oneDNN give up its brgemm matmul for a 28% slower one. The float32 F(4x4) chunks (36 points,
 // about 18 MB at 64 channels) are far larger than the cache; odd ones ran 0.94x there at 32x32x64.
 int64_t OddChunks(int64_t tiles, int64_t want) { return EvenChunks(tiles, want) | 1; }
