@@ -6,8 +6,9 @@ r"""contrastood's train step against PyTorch's best CPU mode, side by side in on
 For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
 augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, with
 XLA's convolutions, with oneDNN's direct ones and with Winograd's (model.conv, where the kernel
-builds), in float32, and in bfloat16 with oneDNN's direct and Winograd F(2x2) ones where the CPU has bf16
-hardware; then
+builds; the Winograd rows take, per layer shape, the kernel onednn_conv.choose_layers measured faster on this
+CPU, as a long training run does), in float32, and in bfloat16 with oneDNN's direct and Winograd F(2x2) ones
+where the CPU has bf16 hardware; then
 benchmarks/torch_reference.py's same step (augmentation on the device too) in every PyTorch mode this
 CPU runs (fp32, fp32 channels_last, bf16 autocast channels_last where the CPU has bf16 hardware), all
 in passes/s (views through forward + backward). PyTorch runs twice: with glibc's malloc defaults, and

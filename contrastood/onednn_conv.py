@@ -25,8 +25,12 @@ layers of 64 channels or more take Winograd F(2x2, 3x3) with bfloat16 products i
 about twice the direct bfloat16 kernel's rounding error (F(4x4)'s transforms amplify bfloat16 rounding
 25-fold).
 
-`model.conv` chooses: "auto" takes Winograd where it applies and oneDNN's direct kernels for the other
-layers on a CPU backend where the kernel builds, and XLA everywhere else (GPU, TPU, or a machine
+Whether Winograd pays depends on the CPU too, so a long training run (perf.TUNE_MIN_STEPS steps or more)
+first times it against the direct kernels for each layer shape it supports, once per CPU model and jax
+version, and each layer takes the faster (`choose_layers`, cached beside perf's XLA:CPU options).
+
+`model.conv` chooses: "auto" takes Winograd where it applies (and, where measured, pays) and oneDNN's direct
+kernels for the other layers on a CPU backend where the kernel builds, and XLA everywhere else (GPU, TPU, or a machine
 without a compiler), and logs which one and why. "winograd" and "onednn" (direct kernels only) fail
 fast when they cannot load, naming the fix. "xla" always uses `lax.conv_general_dilated`. Anything
 the kernels do not cover (dilation, groups, other layouts or dtypes) also falls back to XLA, per
@@ -43,6 +47,7 @@ import os
 import re
 import sys
 import sysconfig
+import time
 
 import jax
 import jax.numpy as jnp
@@ -355,6 +360,107 @@ def winograd_bf16_conv3x3(x, w):
     return _winograd_f2(x, w)
 
 
+# --- Per layer shape, Winograd or direct: measured on this CPU where a long run asked for it. ---
+# Whether Winograd pays depends on the CPU, not only on the channel counts above: on the AMD EPYC (AVX512_BF16)
+# bf16 F(2x2) beat the direct kernels on every layer of 64 channels or more, but on an Intel Xeon with AMX
+# (results/README.md, 2026-12-04) oneDNN's AMX direct kernels ran 64 channels at 32x32 in 44.8 ms against 64.3
+# and 128 at 16x16 in 26.1 against 42.2, while 512 at 4x4 took 132.4 against 47.7 (forward + both gradients).
+LAYER_TABLE = "conv_layer_choices.json"  # under perf.cache_root()
+_LAYER_MIN_GAIN = perf._MIN_GAIN  # direct must beat Winograd by 5% to replace it (below that it is noise)
+_LAYER_ROUNDS = 5
+_recorded: list | None = None  # (x shape, w shape, dtype) of the layers a choose_layers trace met, uncached
+_layer_choices: dict[str, dict] = {}  # this process's copy of each table it read, by path
+
+
+def _layer_table_path() -> str:
+    return os.path.join(perf.cache_root(), LAYER_TABLE)
+
+
+def _layer_key(x_shape, w_shape, dtype) -> str:
+    return perf._key(f"winograd_layer-{jnp.dtype(dtype).name}-x{'x'.join(map(str, x_shape))}"
+                     f"-w{'x'.join(map(str, w_shape))}")
+
+
+def _layers() -> dict:
+    path = _layer_table_path()
+    if path not in _layer_choices:
+        _layer_choices[path] = perf._read_table(path)
+    return _layer_choices[path]
+
+
+def winograd_measured(x, w) -> bool:
+    """Whether a layer that Winograd supports runs by Winograd: this CPU's measured choice for its shapes where
+    choose_layers cached one, else yes. CONTRASTOOD_XLA_CPU_TUNING=0 ignores the measurements."""
+    if not perf.layer_tuning_enabled():
+        return True
+    entry = _layers().get(_layer_key(x.shape, w.shape, x.dtype))
+    if entry is None:
+        if _recorded is not None:
+            _recorded.append((tuple(x.shape), tuple(w.shape), jnp.dtype(x.dtype)))
+        return True
+    return entry.get("choice") != "direct"
+
+
+def _layer_seconds(x_shape, w_shape, dtype, mesh) -> dict[str, float]:
+    """Fastest of _LAYER_ROUNDS alternating calls (forward + both gradients) of each kernel for one layer, run as
+    the step runs it: batch-sharded over `mesh`, so with the same threads per call and per-device shapes."""
+    rng = np.random.default_rng(0)
+    batch, repl = NamedSharding(mesh, P(mesh.axis_names[0])), NamedSharding(mesh, P())
+    x = jax.device_put(jnp.asarray(rng.standard_normal(x_shape), dtype), batch)
+    w = jax.device_put(jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(9 * w_shape[2]), dtype), repl)
+    dy = jax.device_put(jnp.asarray(rng.standard_normal(x_shape[:3] + w_shape[3:]), dtype), batch)
+    winograd = winograd_conv3x3 if jnp.dtype(dtype) == jnp.float32 else winograd_bf16_conv3x3
+    kernels = {"winograd": winograd, "direct": lambda a, b: conv_nhwc(a, b, *_SAME_3X3)}
+    calls = {}
+    for name, conv in kernels.items():
+        def passes(a, b, g, conv=conv):
+            y, vjp = jax.vjp(conv, a, b)
+            return (y, *vjp(g))
+        calls[name] = jax.jit(passes, in_shardings=(batch, repl, batch), out_shardings=(batch, batch, repl))
+        jax.block_until_ready(calls[name](x, w, dy))  # compile and warm up
+    best = {name: float("inf") for name in calls}
+    for _ in range(_LAYER_ROUNDS):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            jax.block_until_ready(call(x, w, dy))
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def choose_layers(trace, mesh) -> dict[str, str]:
+    """Measures Winograd against the direct kernels for each layer shape Winograd supports in the computation that
+    `trace()` traces (say, lambda: jax.eval_shape(step_fn, state, batch)) and caches the choice per CPU model and
+    jax version, under the same file lock as perf.choose; then the next trace of the step uses it
+    (winograd_measured). A few seconds per shape, once: the training loop calls it for runs of
+    perf.TUNE_MIN_STEPS steps or more. -> {layer key: choice} of the shapes measured now."""
+    global _recorded
+    if not perf.layer_tuning_enabled() or load() is not None:
+        return {}
+    _recorded = []
+    try:
+        trace()
+    finally:
+        shapes, _recorded = list(dict.fromkeys(_recorded)), None
+    measured = {}
+    if shapes:
+        with perf.locked_table(_layer_table_path()) as table:
+            for x_shape, w_shape, dtype in shapes:
+                key = _layer_key(x_shape, w_shape, dtype)
+                if key in table:
+                    continue
+                seconds = _layer_seconds(x_shape, w_shape, dtype, mesh)
+                choice = "direct" if seconds["direct"] * _LAYER_MIN_GAIN < seconds["winograd"] else "winograd"
+                table[key] = {"choice": choice, "seconds": seconds, "x": list(x_shape), "w": list(w_shape),
+                              "dtype": dtype.name, "identity": perf.cpu_identity(),
+                              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+                measured[key] = choice
+                logging.info("convolution %s x %s (%s) on %s: %s (Winograd %.1f ms, direct %.1f ms; cached)",
+                             x_shape, w_shape, dtype.name, perf.cpu_identity()["cpu"], choice,
+                             1e3 * seconds["winograd"], 1e3 * seconds["direct"])
+            _layer_choices[_layer_table_path()] = dict(table)
+    return measured
+
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -392,9 +498,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type)
     strides, pads = tuple(int(s) for s in window_strides), (int(top), int(bottom), int(left), int(right))
-    if winograd and winograd_supports(lhs, rhs, strides, pads):
+    if winograd and winograd_supports(lhs, rhs, strides, pads) and winograd_measured(lhs, rhs):
         return winograd_conv3x3(lhs, rhs)
-    if winograd and winograd_bf16_supports(lhs, rhs, strides, pads):
+    if winograd and winograd_bf16_supports(lhs, rhs, strides, pads) and winograd_measured(lhs, rhs):
         return winograd_bf16_conv3x3(lhs, rhs)
     return conv_nhwc(lhs, rhs, strides, pads)
 

@@ -12,6 +12,7 @@ multiplications, so a step's MFU can pass 100% on a CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -112,8 +113,14 @@ def workload(config, num_devices: int) -> str:
 
 def tuning_active() -> bool:
     """Whether `choose` would measure (a CPU backend, one process, tuning on, no option set forced by name)."""
-    return (jax.default_backend() == "cpu" and jax.process_count() == 1 and os.environ.get(DISABLE_ENV, "1") != "0"
-            and not os.environ.get(OPTIONS_ENV))
+    return layer_tuning_enabled() and not os.environ.get(OPTIONS_ENV)
+
+
+def layer_tuning_enabled() -> bool:
+    """Whether per-layer kernel choices (onednn_conv.choose_layers) are measured and used: a CPU backend, one
+    process (every process must compile the same program), and CONTRASTOOD_XLA_CPU_TUNING not 0. Forcing an
+    XLA option set by name (CONTRASTOOD_XLA_CPU_OPTIONS) leaves them on."""
+    return jax.default_backend() == "cpu" and jax.process_count() == 1 and os.environ.get(DISABLE_ENV, "1") != "0"
 
 
 def choose(workload: str, seconds_per_step, conv: str = "xla") -> dict[str, str]:
@@ -125,31 +132,40 @@ def choose(workload: str, seconds_per_step, conv: str = "xla") -> dict[str, str]
     """
     if not tuning_active():
         return compiler_options(workload, conv)
-    path = _cache_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     key = _key(workload)
+    with locked_table(_cache_file()) as table:
+        if key in table and table[key].get("choice") in CPU_CANDIDATES:
+            return dict(CPU_CANDIDATES[table[key]["choice"]])
+        started = time.perf_counter()
+        timings = {name: seconds_per_step(dict(options)) for name, options in CPU_CANDIDATES.items()
+                   if _supported(name)}
+        choice = min(timings, key=timings.get)
+        if "xla_defaults" in timings and timings[choice] * _MIN_GAIN > timings["xla_defaults"]:
+            choice = "xla_defaults"
+        table[key] = {"choice": choice, "seconds_per_step": timings, "workload": workload,
+                      "identity": cpu_identity(), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+                      "measuring_took_s": round(time.perf_counter() - started, 1)}
+        logging.info("XLA:CPU options for %s on %s: %s (seconds per step %s; measured once, cached in %s)",
+                     workload, cpu_identity()["cpu"], choice, timings, _cache_file())
+        return dict(CPU_CANDIDATES[choice])
+
+
+@contextlib.contextmanager
+def locked_table(path: str):
+    """The JSON table of measurements at `path`, held under an exclusive file lock so that parallel processes
+    (test workers) measure once and the others read the result; written back atomically if it changed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             table = _read_table(path)
-            if key in table and table[key].get("choice") in CPU_CANDIDATES:
-                return dict(CPU_CANDIDATES[table[key]["choice"]])
-            started = time.perf_counter()
-            timings = {name: seconds_per_step(dict(options)) for name, options in CPU_CANDIDATES.items()
-                       if _supported(name)}
-            choice = min(timings, key=timings.get)
-            if "xla_defaults" in timings and timings[choice] * _MIN_GAIN > timings["xla_defaults"]:
-                choice = "xla_defaults"
-            table[key] = {"choice": choice, "seconds_per_step": timings, "workload": workload,
-                          "identity": cpu_identity(), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-                          "measuring_took_s": round(time.perf_counter() - started, 1)}
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(table, f, indent=2)
-            os.replace(tmp, path)
-            logging.info("XLA:CPU options for %s on %s: %s (seconds per step %s; measured once, cached in %s)",
-                         workload, cpu_identity()["cpu"], choice, timings, path)
-            return dict(CPU_CANDIDATES[choice])
+            before = json.dumps(table, sort_keys=True)
+            yield table
+            if json.dumps(table, sort_keys=True) != before:
+                tmp = f"{path}.tmp-{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(table, f, indent=2)
+                os.replace(tmp, path)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

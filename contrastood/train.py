@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from contrastood import (augment, checkpointing, config_lib, errors, losses, models, parallel, perf, preemption,
-                         summaries, workdir as workdir_lib)
+from contrastood import (augment, checkpointing, config_lib, errors, losses, models, onednn_conv, parallel, perf,
+                         preemption, summaries, workdir as workdir_lib)
 from contrastood.checkpointing import TrainState
 from contrastood.data import pipeline, sources
 
@@ -320,7 +320,10 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
     if start_step < total_steps:
         # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
         first_batch = next(batches)
-        measure = perf.tuning_active() and total_steps - start_step >= perf.TUNE_MIN_STEPS
+        long_run = total_steps - start_step >= perf.TUNE_MIN_STEPS
+        if long_run and model.conv_impl == "winograd":  # per layer shape, Winograd or direct on this CPU
+            onednn_conv.choose_layers(lambda: jax.eval_shape(lambda s, b: step_fn(s, b), state, first_batch), mesh)
+        measure = perf.tuning_active() and long_run
         options = (tuned_options(step_fn, mesh, state, first_batch, workload, model.conv_impl) if measure
                    else perf.compiler_options(workload, model.conv_impl))
         train_step = jit_train_step(step_fn, mesh, options).lower(state, first_batch).compile()

@@ -488,3 +488,47 @@ def test_a_bf16_model_under_winograd_matches_the_direct_kernels(monkeypatch):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = max(1e-3, float(np.abs(a).max()))
         np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=5e-2)
+
+
+def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(monkeypatch, tmp_path):
+    """choose_layers times Winograd against the direct kernels for every layer shape Winograd supports in a
+    traced computation, on its mesh, once per CPU (cached); the next trace follows the choice per shape, a second
+    call measures nothing, and CONTRASTOOD_XLA_CPU_TUNING=0 restores the fixed rule."""
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(9)
+    x = jax.device_put(jnp.asarray(rng.normal(size=(16, 8, 8, 64)), jnp.float32), NamedSharding(mesh, P("data")))
+    narrow, wide = (jax.device_put(jnp.asarray(rng.normal(size=(3, 3, 64, o)) * 0.05, jnp.float32),
+                                   NamedSharding(mesh, P())) for o in (64, 96))
+
+    def loss(x, narrow, wide):
+        return sum(jnp.sum(_winograd(x, w, (1, 1), "SAME", dimension_numbers=NHWC) ** 2) for w in (narrow, wide))
+
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))
+    real, timed = onednn_conv._layer_seconds, []
+
+    def slower_narrow_winograd(x_shape, w_shape, dtype, mesh_):
+        seconds = real(x_shape, w_shape, dtype, mesh_)  # the real timing runs (its result is this CPU's)
+        assert set(seconds) == {"winograd", "direct"} and all(0 < s < 10 for s in seconds.values())
+        timed.append((x_shape, w_shape))
+        return {"winograd": 2.0, "direct": 1.0} if w_shape[3] == 64 else {"winograd": 1.0, "direct": 1.0}
+
+    monkeypatch.setattr(onednn_conv, "_layer_seconds", slower_narrow_winograd)
+    measured = onednn_conv.choose_layers(lambda: jax.eval_shape(loss, x, narrow, wide), mesh)
+    assert sorted(timed) == [((16, 8, 8, 64), (3, 3, 64, 64)), ((16, 8, 8, 64), (3, 3, 64, 96))]
+    assert sorted(measured.values()) == ["direct", "winograd"]  # direct must win by 5%; a tie keeps Winograd
+    table = json.loads((tmp_path / onednn_conv.LAYER_TABLE).read_text())
+    assert {tuple(e["w"]): e["choice"] for e in table.values()} == {(3, 3, 64, 64): "direct", (3, 3, 64, 96): "winograd"}
+    # The narrow layer now runs direct (forward, backward-data, weight gradient); the wide one stays Winograd.
+    assert _targets(grads.lower(x, narrow, wide).compile().as_text()) == [
+        "BackwardData", "BackwardWeights", "Forward", "WinoBackwardWeights", "WinoForward", "WinoForward"]
+    np.testing.assert_allclose(*(np.asarray(g) for g in (grads(x, narrow, wide)[1], jax.jit(jax.grad(
+        lambda x, w: jnp.sum(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC) ** 2),
+        1))(x, narrow))), rtol=1e-4, atol=1e-3)
+
+    monkeypatch.setattr(onednn_conv, "_layer_seconds", lambda *args: pytest.fail("measured again"))
+    assert onednn_conv.choose_layers(lambda: jax.eval_shape(loss, x, narrow, wide), mesh) == {}
+    monkeypatch.setenv(perf.DISABLE_ENV, "0")
+    assert _targets(jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, narrow, wide).compile().as_text()) == [
+        "WinoBackwardWeights", "WinoBackwardWeights", "WinoForward", "WinoForward", "WinoForward", "WinoForward"]

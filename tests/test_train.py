@@ -453,8 +453,9 @@ def test_training_with_unlabelled_images_resumes_exactly(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_path, monkeypatch):
     """The training loop times every candidate on its own step (8 devices, a copy of the state) before the
-    first step, caches the winner for this CPU and workload, and the next run reads it without measuring."""
-    from contrastood import perf
+    first step, and Winograd against the direct kernels for each layer shape Winograd supports; it caches the
+    winners for this CPU and workload, and the next run reads them without measuring."""
+    from contrastood import onednn_conv, perf
 
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(perf.OPTIONS_ENV, raising=False)
@@ -467,10 +468,18 @@ def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_p
     assert entry["workload"] == perf.workload(config, jax.device_count())
     assert set(entry["seconds_per_step"]) == set(perf.CPU_CANDIDATES)
     assert all(s > 0 for s in entry["seconds_per_step"].values())
+    if onednn_conv.load() is None:  # model.conv=auto took Winograd where it applies
+        # Its one layer Winograd supports (64 channels at 8x8; both views of the global batch) was timed against
+        # the direct kernels.
+        (layer,) = json.loads((tmp_path / "cache" / onednn_conv.LAYER_TABLE).read_text()).values()
+        assert (layer["x"], layer["w"], layer["dtype"]) == ([32, 8, 8, 64], [3, 3, 64, 64], "float32")
+        assert layer["choice"] in ("winograd", "direct") and set(layer["seconds"]) == {"winograd", "direct"}
+        assert all(s > 0 for s in layer["seconds"].values())
 
     real_choose = perf.choose
     monkeypatch.setattr(perf, "choose", lambda workload, seconds_per_step, conv="xla": real_choose(
         workload, lambda options: pytest.fail("measured again"), conv))
+    monkeypatch.setattr(onednn_conv, "_layer_seconds", lambda *args: pytest.fail("layer measured again"))
     again = train.train_and_evaluate(config, str(tmp_path / "again"))
     assert int(again.step) == 6
 
