@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastood import perf
+from contrastood import onednn_conv, perf
 
 
 def test_step_flops_counts_a_matmul():
@@ -27,11 +27,15 @@ def test_peak_sources():
     peak, source = perf.peak_flops_per_device("float32")  # CPU: measured, split over the forced devices
     assert "measured" in source and np.isfinite(peak)
     assert peak * jax.local_device_count() == pytest.approx(perf.measured_matmul_flops("float32"))
-    # bfloat16: never below the float32 rate, twice it where the CPU has bf16 dot-product units
+    # bfloat16: never below the float32 rate, twice it where the CPU has bf16 dot-product units, or oneDNN's
+    # measured bf16 rate there if that is higher (AMX)
     bf16_peak, source = perf.peak_flops_per_device("bfloat16")
     factor = 2.0 if perf.cpu_has_bf16() else 1.0
-    assert bf16_peak * jax.local_device_count() == pytest.approx(max(
-        perf.measured_matmul_flops("bfloat16"), factor * perf.measured_matmul_flops("float32")))
+    rates = [perf.measured_matmul_flops("bfloat16"), factor * perf.measured_matmul_flops("float32")]
+    if perf.cpu_has_bf16() and onednn_conv.load() is None:
+        rates.append(onednn_conv.measured_flops("bfloat16"))
+        assert "oneDNN bfloat16 1x1 convolution" in source
+    assert bf16_peak * jax.local_device_count() == pytest.approx(max(rates))
     assert f"{factor:g} x measured float32 matmul" in source
 
     class Device:
