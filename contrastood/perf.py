@@ -290,7 +290,7 @@ def peak_flops_per_device(dtype: str, override_tflops: float = 0.0) -> tuple[flo
         if dtype == "bfloat16":
             # XLA's own bf16 matmul does not use bf16 dot-product units (it measured below float32 here), but
             # oneDNN's convolutions do. AVX512_BF16 does two multiply-adds per float32 lane, so the float32 rate
-            # x 2 is its ceiling; AMX's tiles go far past that (oneDNN's bf16 1x1 convolution ran at 4.8x XLA's
+            # x 2 is its ceiling; AMX's tiles go far past that (oneDNN's bf16 1x1 convolution ran at 5-7x XLA's
             # float32 matmul on a 2-core Xeon), so oneDNN's measured bf16 rate counts too.
             factor = 2.0 if cpu_has_bf16() else 1.0
             rates = {"measured bfloat16 matmul": measured_matmul_flops("bfloat16"),
