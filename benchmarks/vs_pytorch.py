@@ -93,9 +93,11 @@ def main(argv=None):
           + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
              f"{int(identity['cores']) * ghz * 32 / 1e3:.3f} TFLOP/s, x 64 (two 512-bit) = "
              f"{int(identity['cores']) * ghz * 64 / 1e3:.3f} (MFU uses the measured rate)" if ghz else "")
-          + (f"; bfloat16 rows: {bf16_peak / 1e12:.3f} TFLOP/s ({bf16_source.rsplit(' / ', 1)[0]})" if bf16 else "")
+          + (f"; bfloat16 rows: {bf16_peak / 1e12:.3f} TFLOP/s ({bf16_source.rsplit(' / ', 1)[0]})"
+             if bf16 else "")
           + (f"; nominal AMX bf16: cores x {ghz:.2f} GHz x 1024 FLOP/cycle = "
-             f"{int(identity['cores']) * ghz * 1024 / 1e3:.2f} TFLOP/s" if ghz and "amx_bf16" in identity["isa"] else "")
+             f"{int(identity['cores']) * ghz * 1024 / 1e3:.2f} TFLOP/s"
+             if ghz and "amx_bf16" in identity["isa"] else "")
           + "; FLOPs are model FLOPs: a Winograd layer counts as the direct convolution it replaces, with 4x "
           "(float32 F(4x4)) or 2.25x (bfloat16 F(2x2)) the multiplications it does, so its rows' MFU can pass 100%", flush=True)
     convs = ["xla"] + (["onednn", "winograd"] if onednn_conv.load() is None else [])

@@ -262,12 +262,13 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
 
+
 @functools.lru_cache(maxsize=None)
 def measured_flops(dtype: str = "bfloat16", repeats: int = 5) -> float:
     """Best FLOP/s of oneDNN's 1x1 convolution, a [16384, 512] x [512, 512] product, on all cores (nan without the
     kernel): the rate this CPU's bf16 dot-product units reach (AMX or AVX512_BF16), which XLA's own bf16 matmul
-    does not use. On a 2-core Xeon with AMX: 1.55-2.26 TFLOP/s in bfloat16 (two runs) against 0.30-0.33 for XLA's float32
-    matmul."""
+    does not use. On a 2-core Xeon with AMX: 1.55-2.26 TFLOP/s in bfloat16 (two runs) against 0.30-0.33 for XLA's
+    float32 matmul."""
     if load() is not None:
         return float("nan")
     x, w = jnp.ones((64, 16, 16, 512), dtype), jnp.ones((1, 1, 512, 512), dtype)

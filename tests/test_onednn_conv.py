@@ -519,7 +519,8 @@ def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(
     assert sorted(timed) == [((16, 8, 8, 64), (3, 3, 64, 64)), ((16, 8, 8, 64), (3, 3, 64, 96))]
     assert sorted(measured.values()) == ["direct", "winograd"]  # direct must win by 5%; a tie keeps Winograd
     table = json.loads((tmp_path / onednn_conv.LAYER_TABLE).read_text())
-    assert {tuple(e["w"]): e["choice"] for e in table.values()} == {(3, 3, 64, 64): "direct", (3, 3, 64, 96): "winograd"}
+    assert {tuple(e["w"]): e["choice"] for e in table.values()} == {(3, 3, 64, 64): "direct",
+                                                                    (3, 3, 64, 96): "winograd"}
     # The narrow layer now runs direct (forward, backward-data, weight gradient); the wide one stays Winograd.
     assert _targets(grads.lower(x, narrow, wide).compile().as_text()) == [
         "BackwardData", "BackwardWeights", "Forward", "WinoBackwardWeights", "WinoForward", "WinoForward"]
