@@ -410,7 +410,8 @@ def _layers() -> dict:
 
 def winograd_measured(x, w) -> bool:
     """Whether a layer that Winograd supports runs by Winograd: this CPU's measured choice for its shapes where
-    choose_layers cached one, else yes. CONTRASTOOD_XLA_CPU_TUNING=0 ignores the measurements."""
+    choose_layers cached one, else yes. CONTRASTOOD_CONV_LAYER_TUNING=0 (or CONTRASTOOD_XLA_CPU_TUNING=0) ignores
+    the measurements."""
     if not perf.layer_tuning_enabled():
         return True
     entry = _layers().get(_layer_key(x.shape, w.shape, x.dtype))

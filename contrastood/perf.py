@@ -66,6 +66,7 @@ CPU_COMPILER_OPTIONS = CPU_CANDIDATES["ynn_reduce_eltwise"]  # the choice on the
 DEFAULT_CANDIDATE = {"xla": "ynn_reduce_eltwise", "onednn": "xla_defaults", "winograd": "xla_defaults"}
 DISABLE_ENV = "CONTRASTOOD_XLA_CPU_TUNING"  # 0: XLA's defaults; 1 (default): the cached measured choice
 OPTIONS_ENV = "CONTRASTOOD_XLA_CPU_OPTIONS"  # a name of CPU_CANDIDATES: use it, measure nothing
+LAYER_TUNING_ENV = "CONTRASTOOD_CONV_LAYER_TUNING"  # 0: Winograd by its fixed rule, no per-layer measurements
 CACHE_ENV = "CONTRASTOOD_CACHE_DIR"  # where the per-CPU choice is kept (default ~/.cache/contrastood)
 _MIN_GAIN = 1.05  # a candidate must beat XLA's defaults by 5% to be chosen (below that it is noise)
 # Measuring costs about one compile per candidate: shorter runs take the cached choice, or the default.
@@ -111,16 +112,21 @@ def workload(config, num_devices: int) -> str:
             f"conv_{conv}")
 
 
+def _tuning_allowed() -> bool:
+    # One process only: every process must compile the same program.
+    return jax.default_backend() == "cpu" and jax.process_count() == 1 and os.environ.get(DISABLE_ENV, "1") != "0"
+
+
 def tuning_active() -> bool:
     """Whether `choose` would measure (a CPU backend, one process, tuning on, no option set forced by name)."""
-    return layer_tuning_enabled() and not os.environ.get(OPTIONS_ENV)
+    return _tuning_allowed() and not os.environ.get(OPTIONS_ENV)
 
 
 def layer_tuning_enabled() -> bool:
     """Whether per-layer kernel choices (onednn_conv.choose_layers) are measured and used: a CPU backend, one
-    process (every process must compile the same program), and CONTRASTOOD_XLA_CPU_TUNING not 0. Forcing an
-    XLA option set by name (CONTRASTOOD_XLA_CPU_OPTIONS) leaves them on."""
-    return jax.default_backend() == "cpu" and jax.process_count() == 1 and os.environ.get(DISABLE_ENV, "1") != "0"
+    process, CONTRASTOOD_XLA_CPU_TUNING not 0 and CONTRASTOOD_CONV_LAYER_TUNING not 0. Forcing an XLA option set
+    by name (CONTRASTOOD_XLA_CPU_OPTIONS) leaves them on."""
+    return _tuning_allowed() and os.environ.get(LAYER_TUNING_ENV, "1") != "0"
 
 
 def choose(workload: str, seconds_per_step, conv: str = "xla") -> dict[str, str]:

@@ -15,6 +15,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The XLA:CPU option set is pinned for the suite (tests/test_perf.py measures the choice itself), so
 # that every small test workload does not measure the candidates first.
 os.environ.setdefault("CONTRASTOOD_XLA_CPU_OPTIONS", "ynn_reduce_eltwise")
+# Likewise Winograd takes its fixed rule: a choice measured by one test (benchmarks run as subprocesses) or by an
+# earlier run on this machine must not change which kernels another test compiles. tests/test_onednn_conv.py and
+# tests/test_train.py measure the choice itself, in their own cache directories.
+os.environ.setdefault("CONTRASTOOD_CONV_LAYER_TUNING", "0")
 _CACHE = os.environ.get("CONTRASTOOD_TEST_XLA_CACHE",
                         str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_xla_cache"))
 if _CACHE:

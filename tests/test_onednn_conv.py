@@ -496,6 +496,7 @@ def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(
     call measures nothing, and CONTRASTOOD_XLA_CPU_TUNING=0 restores the fixed rule."""
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(perf.LAYER_TUNING_ENV, raising=False)
     mesh = parallel.create_mesh()
     rng = np.random.default_rng(9)
     x = jax.device_put(jnp.asarray(rng.normal(size=(16, 8, 8, 64)), jnp.float32), NamedSharding(mesh, P("data")))

@@ -459,6 +459,7 @@ def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_p
 
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(perf.OPTIONS_ENV, raising=False)
+    monkeypatch.delenv(perf.LAYER_TUNING_ENV, raising=False)
     monkeypatch.setattr(perf, "TUNE_MIN_STEPS", 6)  # the tiny run counts as long
     config = tiny_config(tmp_path)
     state = train.train_and_evaluate(config, str(tmp_path / "run"))
