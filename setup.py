@@ -10,7 +10,7 @@ setup(
     # The experiment configs are the package contrastood.configs (configs/ at the top is a link to it),
     # so `--config=configs/digits.py` works from any directory and configs import each other as modules.
     packages=find_packages(include=["contrastood", "contrastood.*"]),
-    # The C++ kernels' sources (oneDNN convolutions, BatchNorm sums), compiled on first use (contrastood/native.py).
+    # The C++ kernels' sources (oneDNN convolutions, BatchNorm sums and passes), compiled on first use (contrastood/native.py).
     package_data={"contrastood": ["kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=[

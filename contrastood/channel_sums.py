@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from contrastood import native, onednn_conv
 
 SOURCE = native.KERNELS / "channel_sums.cc"
-_TARGETS = {"moments": "ContrastoodChannelMoments", "dots": "ContrastoodChannelDots"}
+_TARGETS = {"moments": "ContrastoodChannelMoments", "dots": "ContrastoodChannelDots",
+            "masked_dots": "ContrastoodChannelMaskedDots"}
 
 
 @functools.cache
@@ -85,6 +86,7 @@ def _partitioned(name: str, operands: int):
 
 _moments = _partitioned("moments", 1)
 _dots = _partitioned("dots", 2)
+_masked_dots = _partitioned("masked_dots", 3)
 
 
 def moments(x):
@@ -103,3 +105,10 @@ def dots(x, dy):
     axes = tuple(range(x.ndim - 1))
     x_, dy_ = lax.optimization_barrier((x, dy))
     return jnp.sum(dy.astype(jnp.float32), axes), jnp.sum(dy_.astype(jnp.float32) * x_.astype(jnp.float32), axes)
+
+
+def masked_dots(x, g, y):
+    """dots(x, where(y > 0, g, 0)) without writing the masked cotangent: y is a ReLU's output, g its cotangent."""
+    if _use_kernel(x) and x.ndim >= 2 and g.dtype == x.dtype and y.dtype == x.dtype:
+        return _masked_dots(x.ndim)(x, g, y)
+    return dots(x, jnp.where(y > 0, g, jnp.zeros_like(g)))

@@ -26,6 +26,14 @@ STEMS = ("auto", "cifar", "imagenet")
 ModuleDef = Any
 
 
+def _norm(norm, x, residual=None, relu: bool = True):
+    """relu(residual + norm(x)) (without the parts left out), in one pass where `norm` is batch_norm.BatchNorm."""
+    if isinstance(norm, batch_norm.BatchNorm):
+        return norm(x, residual, relu=relu)
+    y = norm(x) if residual is None else residual + norm(x)
+    return batch_norm.relu(y) if relu else y
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
@@ -39,14 +47,13 @@ class BasicBlock(nn.Module):
     def __call__(self, x):
         residual = x
         y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
-        y = batch_norm.relu(self.norm()(y))
+        y = _norm(self.norm(), y)
         y = self.conv(self.filters, (3, 3))(y)
-        # Zero-init the last BN scale so every block starts as the identity (Goyal et al. 2017).
-        y = self.norm(scale_init=nn.initializers.zeros)(y)
         if residual.shape != y.shape:
             residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
-            residual = self.norm(name="proj_bn")(residual)
-        return batch_norm.relu(residual + y)
+            residual = _norm(self.norm(name="proj_bn"), residual, relu=False)
+        # Zero-init the last BN scale so every block starts as the identity (Goyal et al. 2017).
+        return _norm(self.norm(scale_init=nn.initializers.zeros), y, residual)
 
 
 class BottleneckBlock(nn.Module):
@@ -61,14 +68,13 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         residual = x
-        y = batch_norm.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-        y = batch_norm.relu(self.norm()(self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)))
+        y = _norm(self.norm(), self.conv(self.filters, (1, 1))(x))
+        y = _norm(self.norm(), self.conv(self.filters, (3, 3), (self.strides, self.strides))(y))
         y = self.conv(self.filters * 4, (1, 1))(y)
-        y = self.norm(scale_init=nn.initializers.zeros)(y)
         if residual.shape != y.shape:
             residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
-            residual = self.norm(name="proj_bn")(residual)
-        return batch_norm.relu(residual + y)
+            residual = _norm(self.norm(name="proj_bn"), residual, relu=False)
+        return _norm(self.norm(scale_init=nn.initializers.zeros), y, residual)
 
 
 class ContrastiveResNet(nn.Module):
@@ -116,11 +122,11 @@ class ContrastiveResNet(nn.Module):
         filters = self.base_filters * self.width_multiplier
         if self.stem == "imagenet":
             x = conv(filters, (7, 7), (2, 2), name="stem_conv")(x)
-            x = batch_norm.relu(norm(name="stem_bn")(x))
+            x = _norm(norm(name="stem_bn"), x)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         else:
             x = conv(filters, (3, 3), name="stem_conv")(x)
-            x = batch_norm.relu(norm(name="stem_bn")(x))
+            x = _norm(norm(name="stem_bn"), x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
@@ -131,7 +137,7 @@ class ContrastiveResNet(nn.Module):
 
         hidden = self.proj_hidden_dim or pre_logits.shape[-1]
         h = nn.Dense(hidden, use_bias=False, dtype=self.dtype, name="proj_dense1")(pre_logits)
-        h = batch_norm.relu(norm(name="proj_bn1")(h))
+        h = _norm(norm(name="proj_bn1"), h)
         h = nn.Dense(self.proj_dim, dtype=self.dtype, name="proj_dense2")(h)
         return {
             "pre_logits": pre_logits,

@@ -6,6 +6,8 @@
 // it once). These handlers read the activation once, in its own dtype, and return both sums:
 //   ContrastoodChannelMoments(x)       -> (sum x, sum x^2)   the forward's statistics
 //   ContrastoodChannelDots(x, dy)      -> (sum dy, sum dy*x) the backward's
+//   ContrastoodChannelMaskedDots(x, g, y) -> the same with dy = (y > 0 ? g : 0): a ReLU's output y masks the
+//                                         cotangent g in the same pass (contrastood/norm_act.py), unwritten
 // over every axis but the last. Each thread sums its rows in blocks of float32 (vectorised) and adds the
 // blocks into float64 totals, so the result does not depend on how long the batch is.
 #include <omp.h>
@@ -35,10 +37,10 @@ inline float Value(const uint16_t* p, int64_t i) {  // bfloat16: the high half o
 }
 
 // Rows [lo, hi) of x (and dy) [rows, c]: first[j] += sum dy (or x), second[j] += sum dy*x (or x^2).
-template <typename T, bool kDots>
+template <typename T, bool kDots, bool kMasked = false>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void SumRows(
-    const T* __restrict x, const T* __restrict dy, int64_t lo, int64_t hi, int64_t c, float* __restrict a,
-    float* __restrict b, double* __restrict first, double* __restrict second) {
+    const T* __restrict x, const T* __restrict dy, const T* __restrict y, int64_t lo, int64_t hi, int64_t c,
+    float* __restrict a, float* __restrict b, double* __restrict first, double* __restrict second) {
   for (int64_t r0 = lo; r0 < hi; r0 += kBlockRows) {
     const int64_t r1 = std::min(hi, r0 + kBlockRows);
     std::fill(a, a + c, 0.0f);
@@ -47,8 +49,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void SumRows(
       const T* __restrict xr = x + r * c;
       if (kDots) {
         const T* __restrict dr = dy + r * c;
+        const T* __restrict yr = kMasked ? y + r * c : nullptr;
         for (int64_t j = 0; j < c; ++j) {
-          const float g = Value(dr, j);
+          const float gj = Value(dr, j);  // both loaded unconditionally: a select, which vectorises
+          const float g = kMasked ? (Value(yr, j) > 0.0f ? gj : 0.0f) : gj;
           a[j] += g;
           b[j] += g * Value(xr, j);
         }
@@ -67,8 +71,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void SumRows(
   }
 }
 
-template <typename T, bool kDots>
-void Sums(const void* x, const void* dy, int64_t rows, int64_t c, int64_t threads, float* first, float* second) {
+template <typename T, bool kDots, bool kMasked = false>
+void Sums(const void* x, const void* dy, const void* y, int64_t rows, int64_t c, int64_t threads, float* first,
+          float* second) {
   const int team = threads > 0 ? static_cast<int>(threads) : kDefaultTeam;
   const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(team, rows / kBlockRows)));
   std::vector<double> totals(2 * c * used, 0.0);
@@ -76,7 +81,8 @@ void Sums(const void* x, const void* dy, int64_t rows, int64_t c, int64_t thread
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     std::vector<float> a(c), b(c);
-    SumRows<T, kDots>(static_cast<const T*>(x), static_cast<const T*>(dy), rows * t / n, rows * (t + 1) / n, c,
+    SumRows<T, kDots, kMasked>(static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<const T*>(y),
+                               rows * t / n, rows * (t + 1) / n, c,
                       a.data(), b.data(), &totals[2 * c * t], &totals[2 * c * t + c]);
   }
   for (int64_t j = 0; j < c; ++j) {
@@ -108,9 +114,10 @@ ffi::Error Moments(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> sum, ffi
   ffi::Error e = Check(x, sum, &rows, &c);
   if (e.failure()) return e;
   if (x.element_type() == ffi::DataType::F32)
-    Sums<float, false>(x.untyped_data(), nullptr, rows, c, threads, sum->typed_data(), sum_sq->typed_data());
+    Sums<float, false>(x.untyped_data(), nullptr, nullptr, rows, c, threads, sum->typed_data(), sum_sq->typed_data());
   else
-    Sums<uint16_t, false>(x.untyped_data(), nullptr, rows, c, threads, sum->typed_data(), sum_sq->typed_data());
+    Sums<uint16_t, false>(x.untyped_data(), nullptr, nullptr, rows, c, threads, sum->typed_data(),
+                          sum_sq->typed_data());
   return ffi::Error::Success();
 }
 
@@ -122,11 +129,28 @@ ffi::Error Dots(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi
   if (dy.element_type() != x.element_type() || dy.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("channel sums: x and dy must have the same shape and dtype");
   if (x.element_type() == ffi::DataType::F32)
-    Sums<float, true>(x.untyped_data(), dy.untyped_data(), rows, c, threads, sum_dy->typed_data(),
+    Sums<float, true>(x.untyped_data(), dy.untyped_data(), nullptr, rows, c, threads, sum_dy->typed_data(),
                       sum_dy_x->typed_data());
   else
-    Sums<uint16_t, true>(x.untyped_data(), dy.untyped_data(), rows, c, threads, sum_dy->typed_data(),
+    Sums<uint16_t, true>(x.untyped_data(), dy.untyped_data(), nullptr, rows, c, threads, sum_dy->typed_data(),
                          sum_dy_x->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error MaskedDots(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer y, ffi::Result<ffi::Buffer<ffi::F32>> sum_dy,
+                      ffi::Result<ffi::Buffer<ffi::F32>> sum_dy_x, int64_t threads) {
+  int64_t rows, c;
+  ffi::Error e = Check(x, sum_dy, &rows, &c);
+  if (e.failure()) return e;
+  for (const ffi::AnyBuffer* other : {&g, &y})
+    if (other->element_type() != x.element_type() || other->element_count() != x.element_count())
+      return ffi::Error::InvalidArgument("channel sums: x, g and y must have the same shape and dtype");
+  if (x.element_type() == ffi::DataType::F32)
+    Sums<float, true, true>(x.untyped_data(), g.untyped_data(), y.untyped_data(), rows, c, threads,
+                            sum_dy->typed_data(), sum_dy_x->typed_data());
+  else
+    Sums<uint16_t, true, true>(x.untyped_data(), g.untyped_data(), y.untyped_data(), rows, c, threads,
+                               sum_dy->typed_data(), sum_dy_x->typed_data());
   return ffi::Error::Success();
 }
 }  // namespace
@@ -139,6 +163,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodChannelMoments, Moments,
                                   .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodChannelDots, Dots,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodChannelMaskedDots, MaskedDots,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
