@@ -28,6 +28,10 @@ _GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # (no data-dependent loop) and the first that fits is taken, like tf's
 # sample_distorted_bounding_box / torchvision's RandomResizedCrop (10 tries).
 _CROP_ATTEMPTS = 10
+# Channel axis of one image: -1 for [H, W, 3] (the public layout, and the helpers' default); -3 for the planar
+# [3, H, W] that `_augment_batch` works in. With 3 channels minor, XLA:CPU vectorised every colour op over 3
+# lanes; planar, each op is an elementwise pass over whole [H, W] planes (README, "What makes the CPU step fast").
+_PLANAR = -3
 # Indices of the colour ops; a random permutation of these gives SimCLR's random order.
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
 # Each example makes ONE uniform draw of this many numbers and slices it into named fields:
@@ -187,15 +191,37 @@ def _interpolation_matrix(start: jax.Array, size: jax.Array, length: int) -> jax
     return jnp.maximum(0.0, 1.0 - jnp.abs(src[:, None] - in_pos[None, :]))
 
 
-def _crop_resize_flip(image: jax.Array, box: jax.Array, flip: jax.Array | bool = False) -> jax.Array:
-    """Crops `box` = (top, left, h, w) out of a float [H, W, C] image, resizes it back to H x W
-    bilinearly and mirrors it horizontally if `flip` (the flip is folded into the column weights)."""
-    height, width = image.shape[0], image.shape[1]
+def _crop_resize_flip(image: jax.Array, box: jax.Array, flip: jax.Array | bool = False,
+                      channel_axis: int = -1) -> jax.Array:
+    """Crops `box` = (top, left, h, w) out of a float [H, W, C] image ([C, H, W] with channel_axis=-3),
+    resizes it back to H x W bilinearly and mirrors it horizontally if `flip` (the flip is folded into the
+    column weights)."""
+    height, width = _spatial_shape(image, channel_axis)
     rows = _interpolation_matrix(box[0], box[2], height)
     cols = _interpolation_matrix(box[1], box[3], width)
     cols = jnp.where(flip, cols[::-1], cols)
     # HIGHEST: on GPU/TPU the default f32 matmul may run in tf32/bf16, which would blur pixel values.
-    return jnp.einsum("yh,hwc,xw->yxc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+    spec = "yh,hwc,xw->yxc" if channel_axis == -1 else "yh,chw,xw->cyx"
+    return jnp.einsum(spec, rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def _spatial_shape(image: jax.Array, channel_axis: int) -> tuple[int, int]:
+    return (image.shape[-3], image.shape[-2]) if channel_axis == -1 else (image.shape[-2], image.shape[-1])
+
+
+def _spatial_axes(channel_axis: int) -> tuple[int, int]:
+    return (-3, -2) if channel_axis == -1 else (-2, -1)
+
+
+def _split_channels(image: jax.Array, channel_axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(jax.lax.index_in_dim(image, i, channel_axis, keepdims=False) for i in range(3))
+
+
+def _along_channels(values, like: jax.Array, channel_axis: int) -> jax.Array:
+    """A length-3 constant shaped to broadcast along `like`'s channel axis."""
+    shape = [1] * like.ndim
+    shape[channel_axis] = 3
+    return jnp.asarray(values, like.dtype).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,25 +233,26 @@ def _wrap(x: jax.Array, period: float) -> jax.Array:
     return x - period * jnp.floor(x / period)
 
 
-def _rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+def _rgb_to_hsv(rgb: jax.Array, channel_axis: int = -1) -> jax.Array:
     """RGB in [0, 1] -> HSV with hue in [0, 1] (colorsys / tf.image convention)."""
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    value = jnp.max(rgb, axis=-1)
-    chroma = value - jnp.min(rgb, axis=-1)
+    red, green, blue = _split_channels(rgb, channel_axis)
+    # Elementwise over the channel planes (the same values as a max/min reduction over the channel axis).
+    value = jnp.maximum(jnp.maximum(red, green), blue)
+    chroma = value - jnp.minimum(jnp.minimum(red, green), blue)
     saturation = chroma / jnp.where(value > 0, value, 1.0)
     safe_chroma = jnp.where(chroma > 0, chroma, 1.0)
     hue = jnp.where(
         value == red, _wrap((green - blue) / safe_chroma, 6.0),
         jnp.where(value == green, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0))
     hue = jnp.where(chroma > 0, hue / 6.0, 0.0)
-    return jnp.stack([hue, saturation, value], axis=-1)
+    return jnp.stack([hue, saturation, value], axis=channel_axis)
 
 
-def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+def _hsv_to_rgb(hsv: jax.Array, channel_axis: int = -1) -> jax.Array:
     """HSV (hue in [0, 1], wraps) -> RGB, branch-free: c_n = v - v s clip(min(k, 4 - k), 0, 1),
     k = (n + 6 h) mod 6 with n = 5, 3, 1 for R, G, B."""
-    hue, saturation, value = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
-    k = _wrap(jnp.array([5.0, 3.0, 1.0]) + 6.0 * hue, 6.0)
+    hue, saturation, value = (jax.lax.index_in_dim(hsv, i, channel_axis, keepdims=True) for i in range(3))
+    k = _wrap(_along_channels([5.0, 3.0, 1.0], hsv, channel_axis) + 6.0 * hue, 6.0)
     return value - value * saturation * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
@@ -234,28 +261,31 @@ def _adjust_brightness(image: jax.Array, amount: jax.Array, mode: str) -> jax.Ar
     return image + amount if mode == "additive" else image * amount
 
 
-def _adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+def _adjust_contrast(image: jax.Array, factor: jax.Array, channel_axis: int = -1) -> jax.Array:
     """tf.image.adjust_contrast: scale each channel's deviation from its spatial mean."""
-    mean = jnp.mean(image, axis=(-3, -2), keepdims=True)
+    mean = jnp.mean(image, axis=_spatial_axes(channel_axis), keepdims=True)
     return (image - mean) * factor + mean
 
 
-def _adjust_hsv(image: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Array) -> jax.Array:
+def _adjust_hsv(image: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Array,
+                channel_axis: int = -1) -> jax.Array:
     """tf.image.adjust_saturation (s * factor, clipped to [0, 1]) and adjust_hue (h + delta, wrapped)
     in one HSV round trip; factor 1 / delta 0 leaves that part unchanged."""
-    hsv = _rgb_to_hsv(image)
-    hue = _wrap(hsv[..., 0] + hue_delta, 1.0)
-    saturation = jnp.clip(hsv[..., 1] * saturation_factor, 0.0, 1.0)
-    return _hsv_to_rgb(jnp.stack([hue, saturation, hsv[..., 2]], axis=-1))
+    hue, saturation, value = _split_channels(_rgb_to_hsv(image, channel_axis), channel_axis)
+    hue = _wrap(hue + hue_delta, 1.0)
+    saturation = jnp.clip(saturation * saturation_factor, 0.0, 1.0)
+    return _hsv_to_rgb(jnp.stack([hue, saturation, value], axis=channel_axis), channel_axis)
 
 
-def _to_grayscale(image: jax.Array) -> jax.Array:
+def _to_grayscale(image: jax.Array, channel_axis: int = -1) -> jax.Array:
     """tf.image.rgb_to_grayscale, tiled back to 3 channels so the network input shape is kept."""
-    gray = image @ jnp.asarray(_GRAYSCALE_WEIGHTS, image.dtype)
-    return jnp.repeat(gray[..., None], 3, axis=-1)
+    red, green, blue = _split_channels(image, channel_axis)
+    gray = red * _GRAYSCALE_WEIGHTS[0] + green * _GRAYSCALE_WEIGHTS[1] + blue * _GRAYSCALE_WEIGHTS[2]
+    return jnp.repeat(jnp.expand_dims(gray, channel_axis), 3, axis=channel_axis)
 
 
-def _color_jitter(uniforms: jax.Array, image: jax.Array, strength: float, brightness_mode: str) -> jax.Array:
+def _color_jitter(uniforms: jax.Array, image: jax.Array, strength: float, brightness_mode: str,
+                  channel_axis: int = -1) -> jax.Array:
     """SimCLR's color_jitter_rand: the four ops in a per-example random order, clip after each.
 
     `uniforms` holds `_JITTER_UNIFORMS` U[0, 1) draws: the four op amounts, then four sort keys
@@ -277,9 +307,9 @@ def _color_jitter(uniforms: jax.Array, image: jax.Array, strength: float, bright
         # candidates explicitly; saturation and hue share one HSV round trip.
         hsv_adjusted = _adjust_hsv(image,
                                    jnp.where(op == _SATURATION, saturation, 1.0),
-                                   jnp.where(op == _HUE, hue, 0.0))
+                                   jnp.where(op == _HUE, hue, 0.0), channel_axis)
         image = jnp.where(op == _BRIGHTNESS, _adjust_brightness(image, brightness, brightness_mode),
-                          jnp.where(op == _CONTRAST, _adjust_contrast(image, contrast), hsv_adjusted))
+                          jnp.where(op == _CONTRAST, _adjust_contrast(image, contrast, channel_axis), hsv_adjusted))
         return jnp.clip(image, 0.0, 1.0)
 
     # A loop rather than 4 unrolled steps: each step's image feeds 3 candidates, and XLA:CPU
@@ -291,22 +321,24 @@ def _color_jitter(uniforms: jax.Array, image: jax.Array, strength: float, bright
 # Public entry points.
 
 
-def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:
-    """One SimCLR view of one float [H, W, 3] image. The draws sit in fixed slots whatever the
-    config, so e.g. turning colour jitter off does not change which crop an example gets."""
+def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig, channel_axis: int = -1) -> jax.Array:
+    """One SimCLR view of one float [H, W, 3] image ([3, H, W] with channel_axis=-3). The draws sit in
+    fixed slots whatever the config, so e.g. turning colour jitter off does not change which crop an
+    example gets."""
     uniforms = jax.random.uniform(key, (_NUM_UNIFORMS,))
-    height, width = image.shape[0], image.shape[1]
+    height, width = _spatial_shape(image, channel_axis)
     flip = uniforms[_FLIP] < 0.5 if config.flip else False
     if config.crop:
         box = _sample_crop_box(uniforms[:_CROP_UNIFORMS], height, width, config.crop_area, config.crop_aspect)
-        image = _crop_resize_flip(image, box, flip)
+        image = _crop_resize_flip(image, box, flip, channel_axis)
     else:
-        image = jnp.where(flip, image[:, ::-1], image)
+        image = jnp.where(flip, jnp.flip(image, _spatial_axes(channel_axis)[1]), image)
     if config.color_prob > 0 and config.color_strength > 0:
-        jittered = _color_jitter(uniforms[_JITTER_START:], image, config.color_strength, config.brightness)
+        jittered = _color_jitter(uniforms[_JITTER_START:], image, config.color_strength, config.brightness,
+                                 channel_axis)
         image = jnp.where(uniforms[_COLOR_APPLY] < config.color_prob, jittered, image)
     if config.grayscale_prob > 0:
-        image = jnp.where(uniforms[_GRAY_APPLY] < config.grayscale_prob, _to_grayscale(image), image)
+        image = jnp.where(uniforms[_GRAY_APPLY] < config.grayscale_prob, _to_grayscale(image, channel_axis), image)
     return jnp.clip(image, 0.0, 1.0)
 
 
@@ -330,9 +362,11 @@ def augment_batch(key: jax.Array, images_uint8: jax.Array, config: AugmentConfig
 
 @functools.partial(jax.jit, static_argnums=2)
 def _augment_batch(key: jax.Array, images_uint8: jax.Array, config: AugmentConfig) -> jax.Array:
-    images = to_float(images_uint8)
-    keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(functools.partial(_augment_one, config=config))(keys, images)
+    _check_images(images_uint8, "augment_batch")
+    planar = jnp.moveaxis(images_uint8, -1, 1).astype(jnp.float32) / 255.0  # [B, 3, H, W], as to_float
+    keys = jax.random.split(key, planar.shape[0])
+    views = jax.vmap(functools.partial(_augment_one, config=config, channel_axis=_PLANAR))(keys, planar)
+    return jnp.moveaxis(views, 1, -1)
 
 
 def two_views(key: jax.Array, images_uint8: jax.Array,

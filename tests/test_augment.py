@@ -105,6 +105,38 @@ def test_two_views_are_independent_views_of_the_same_images():
     np.testing.assert_array_equal(view_2, augment.augment_batch(key_2, images, augment.AugmentConfig()))
 
 
+@pytest.mark.parametrize("config", [augment.AugmentConfig(color_strength=1.0, grayscale_prob=0.5),
+                                    augment.AugmentConfig(brightness="multiplicative", crop=False)],
+                         ids=["crop", "host_crops"])
+def test_planar_batch_path_matches_the_channels_last_ops_per_image(config):
+    # augment_batch works on [B, 3, H, W] planes (fast on CPUs); each view must be what the channels-last
+    # ops give for that image and key, up to float32 rounding (the einsum's and grayscale's summation order).
+    images = _images(32, 24, 20)
+    key = jax.random.PRNGKey(5)
+    channels_last = jax.jit(jax.vmap(lambda k, image: augment._augment_one(k, image, config)))(
+        jax.random.split(key, len(images)), augment.to_float(images))
+    np.testing.assert_allclose(augment.augment_batch(key, images, config), channels_last, atol=2e-6, rtol=0)
+
+
+def test_colour_ops_agree_between_channel_layouts():
+    # The same arithmetic in either layout; only XLA's fused multiply-adds may round differently.
+    image = _float_image(shape=(12, 10, 3))
+    planar = jnp.asarray(np.moveaxis(image, -1, 0))
+    channels_last = {"rgb_to_hsv": rgb_to_hsv(image), "hsv_to_rgb": hsv_to_rgb(image),
+                     "adjust_hsv": adjust_hsv(image, 1.3, 0.1),
+                     "contrast": augment._adjust_contrast(jnp.asarray(image), 0.6),
+                     "grayscale": augment._to_grayscale(jnp.asarray(image)),
+                     "crop": crop_resize_flip(image, jnp.array([3, 2, 7, 6]), True)}
+    planes = {"rgb_to_hsv": augment._rgb_to_hsv(planar, -3), "hsv_to_rgb": augment._hsv_to_rgb(planar, -3),
+              "adjust_hsv": augment._adjust_hsv(planar, 1.3, 0.1, -3),
+              "contrast": augment._adjust_contrast(planar, 0.6, -3),
+              "grayscale": augment._to_grayscale(planar, -3),
+              "crop": augment._crop_resize_flip(planar, jnp.array([3, 2, 7, 6]), True, -3)}
+    for name, expected in channels_last.items():
+        np.testing.assert_allclose(np.moveaxis(np.asarray(planes[name]), 0, -1), expected, atol=1e-6, rtol=0,
+                                   err_msg=name)
+
+
 def test_each_example_gets_its_own_crop():
     # Identical input images: any difference between outputs comes from per-example randomness.
     images = np.repeat(_images(1), 16, axis=0)
