@@ -52,6 +52,9 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from contrastood import cpu_isa  # noqa: E402  (no JAX in it)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -525,7 +528,8 @@ class TrainStep:
 
 
 def cpu_info() -> tuple[str, set[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; (platform.processor(), {}) without it."""
+    """(model name, flags) of the first CPU in /proc/cpuinfo, less those above an ONEDNN_MAX_CPU_ISA cap
+    (contrastood.cpu_isa; PyTorch's oneDNN obeys it); (platform.processor(), {}) without it."""
     name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -535,7 +539,7 @@ def cpu_info() -> tuple[str, set[str]]:
                 if key == "model name" and not name:
                     name = value.strip()
                 elif key == "flags" and not flags:
-                    flags = set(value.split())
+                    flags = cpu_isa.allowed(value.split())
     except OSError:
         pass
     return name or platform.processor() or platform.machine(), flags
@@ -557,6 +561,7 @@ def machine_meta(device: torch.device, threads: int) -> dict:
     meta = dict(torch_version=torch.__version__, python=platform.python_version(), device=device.type,
                 cpu_model=cpu_name, cpu_flags=[f for f in REPORTED_CPU_FLAGS if f in flags],
                 cpu_bf16_hardware=cpu_has_bf16(flags), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                isa_cap=cpu_isa.cap(),
                 threads=threads, cpu_count=os.cpu_count(), mkldnn=torch.backends.mkldnn.is_available(),
                 loadavg_1m_at_start=_loadavg())
     if device.type == "cuda":

@@ -2,6 +2,7 @@ r"""contrastood's train step against PyTorch's best CPU mode, side by side in on
 
   python benchmarks/vs_pytorch.py                                  # tiny + ResNet-18, batch 128
   python benchmarks/vs_pytorch.py --models=resnet_tiny --out=results/cpu_speed
+  python benchmarks/vs_pytorch.py --max_isa=AVX2 --out=results/cpu_speed_avx2   # as on an AVX2-only CPU
 
 For each model: contrastood's full step (two SimCLR views, NT-Xent + label-smoothed CE, LARS; the
 augmentation inside the step) under every XLA:CPU option set contrastood.perf chooses between, with
@@ -75,11 +76,16 @@ def main(argv=None):
     parser.add_argument("--torch_steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternating head-to-head rounds per pair (0: none)")
     parser.add_argument("--out", default="", help="also write vs_pytorch.{json,md} there")
+    parser.add_argument("--max_isa", default="", choices=[""] + sorted(ISA_CAPS),
+                        help="run both frameworks as on a CPU with only this oneDNN ISA level (AVX2: an AVX2-only "
+                        "CPU on an AVX-512 one); see ISA_CAPS for what it caps and what it cannot")
     args = parser.parse_args(argv)
+    if args.max_isa:
+        cap_isa(args.max_isa)
     import train_throughput  # first: it configures contrastood.host_memory before JAX starts
     import jax
 
-    from contrastood import host_memory, onednn_conv, perf
+    from contrastood import cpu_isa, host_memory, onednn_conv, perf
 
     identity = perf.cpu_identity()
     matmul = perf.measured_matmul_flops("float32")
@@ -87,7 +93,11 @@ def main(argv=None):
     bf16_peak, bf16_source = perf.peak_flops_per_device("bfloat16") if bf16 else (0.0, "")
     bf16_peak *= jax.device_count()
     ghz = clock_ghz()
-    print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}), jax {jax.__version__}, "
+    cap = cpu_isa.cap()
+    capped = (f" [ISA capped at {cap}: ONEDNN_MAX_CPU_ISA (oneDNN, ours and PyTorch's), XLA_FLAGS "
+              f"--xla_cpu_max_isa={ISA_CAPS[cap][0]}, ATEN_CPU_CAPABILITY={ISA_CAPS[cap][1]}; the package's own C++ "
+              "kernels (target_clones) and YNNPACK still pick their code by CPUID]" if cap else "")
+    print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}){capped}, jax {jax.__version__}, "
           f"{jax.device_count()} device(s); host malloc: {host_memory.state['reason']}")
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"
           + (f"; nominal cores x {ghz:.2f} GHz x 32 FLOP/cycle (two 256-bit FMA units) = "
@@ -103,7 +113,7 @@ def main(argv=None):
     convs = ["xla"] + (["onednn", "winograd"] if onednn_conv.load() is None else [])
     print(f"convolution kernels: {', '.join(convs)}"
           + ("" if "onednn" in convs else f" (oneDNN: {onednn_conv.load()})")
-          + f"; bfloat16 rows: {'yes' if bf16 else 'no (no avx512_bf16/amx_bf16)'}", flush=True)
+          + f"; bfloat16 rows: {'yes' if bf16 else 'no (no avx512_bf16/amx_bf16' + (' under the cap)' if cap else ')')}", flush=True)
     rows = []
     for model in args.models.split(","):
         bf16_convs = ["onednn", "winograd"] if bf16 and "onednn" in convs else []
@@ -129,7 +139,7 @@ def main(argv=None):
             rows.append({"framework": f"PyTorch {torch_record['meta']['torch_version']}", "model": r["model"],
                          "mode": r["mode_label"] + TORCH_MALLOC[malloc], "passes_s": r["passes_s"], "mfu": None,
                          "torch_mode": r["mode_label"], "malloc": malloc})
-    lines = [f"CPU: {identity['cpu']}, {identity['cores']} cores, {identity['isa']}; jax {jax.__version__}, "
+    lines = [f"CPU: {identity['cpu']}, {identity['cores']} cores, {identity['isa']}{capped}; jax {jax.__version__}, "
              f"PyTorch {torch_record['meta']['torch_version']}; batch {args.batch}, full two-view step with the "
              f"augmentation; {time.strftime('%Y-%m-%d')}.", "",
              "| model | contrastood best (mode) | PyTorch best (mode) | ratio to best | contrastood best float32 (mode) | "
@@ -176,6 +186,27 @@ def main(argv=None):
                                                             "torch": torch_record["meta"]}, indent=2))
         (target / "vs_pytorch.md").write_text(text)
     return summary
+
+
+# --max_isa: oneDNN ISA level -> (XLA's --xla_cpu_max_isa, PyTorch's ATEN_CPU_CAPABILITY). Together with
+# ONEDNN_MAX_CPU_ISA (oneDNN's convolutions and matmuls in both frameworks, and contrastood.cpu_isa, which
+# takes the bf16 paths away) they cap every kernel library whose code the two steps spend their time in but two:
+# the package's C++ kernels (norm_act, channel_sums, the Winograd transforms: target_clones, dispatched by
+# CPUID) and YNNPACK's fusions. On a CPU that double-pumps 512-bit vectors (AMD Zen 4) their float32 code runs at
+# the AVX2 rate anyway; on others those kernels run somewhat faster than on a true AVX2-only CPU.
+ISA_CAPS = {"AVX2": ("AVX2", "avx2"), "AVX512_CORE": ("AVX512", "avx512"),
+            "AVX512_CORE_VNNI": ("AVX512_VNNI", "avx512"), "AVX512_CORE_BF16": ("AVX512_BF16", "avx512")}
+
+
+def cap_isa(level: str) -> None:
+    """Sets the caps of ISA_CAPS[level] in this process's environment (children inherit it). Before JAX starts:
+    XLA reads its flags, oneDNN its ISA cap, once."""
+    if "jax" in sys.modules:
+        raise RuntimeError("--max_isa must be applied before JAX is imported; run benchmarks/vs_pytorch.py as a script")
+    xla, aten = ISA_CAPS[level]
+    os.environ["ONEDNN_MAX_CPU_ISA"] = level
+    os.environ["ATEN_CPU_CAPABILITY"] = aten
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), f"--xla_cpu_max_isa={xla}"]))
 
 
 # PyTorch's malloc settings -> the suffix of its rows' modes

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastood import host_memory
+from contrastood import cpu_isa, host_memory
 
 # Dense peak TFLOP/s per device (one chip; for GPUs the SXM parts), bf16 and fp32 (no TF32/sparsity).
 _PEAK_TFLOPS = {
@@ -189,7 +189,8 @@ def _supported(name: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cpu_identity() -> dict[str, str]:
-    """What a choice depends on: the CPU model and vector ISA, the jax/jaxlib version, the device count."""
+    """What a choice depends on: the CPU model and vector ISA (as capped by ONEDNN_MAX_CPU_ISA, cpu_isa), the
+    jax/jaxlib version, the device count."""
     import jaxlib
 
     model, flags = "", ""
@@ -200,7 +201,8 @@ def cpu_identity() -> dict[str, str]:
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith(("flags", "Features")) and not flags:
                     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd", "sve")
-                    flags = " ".join(sorted(f for f in line.split(":", 1)[1].split() if f in wanted))
+                    usable = cpu_isa.allowed(line.split(":", 1)[1].split())  # less an ONEDNN_MAX_CPU_ISA cap
+                    flags = " ".join(sorted(f for f in usable if f in wanted))
     except OSError:
         pass
     return {"cpu": model or platform.processor() or platform.machine(), "isa": flags, "cores": str(os.cpu_count()),
@@ -278,7 +280,8 @@ def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 dot-product hardware (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    """Whether this CPU has bfloat16 dot-product hardware (avx512_bf16 or amx_bf16 in /proc/cpuinfo) that no
+    ONEDNN_MAX_CPU_ISA cap takes away."""
     return any(flag in cpu_identity()["isa"].split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
