@@ -25,6 +25,10 @@ layers of 64 channels or more take Winograd F(2x2, 3x3) with bfloat16 products i
 about twice the direct bfloat16 kernel's rounding error (F(4x4)'s transforms amplify bfloat16 rounding
 25-fold).
 
+Strided layers' weight gradients in bfloat16 (and float32 from 128 input channels) are one oneDNN matmul over
+im2col patches built per thread in its cache (`im2col_weight_gradient`): oneDNN 3.2's backward-weights kernel
+ran those at about half its forward's rate.
+
 Whether Winograd pays depends on the CPU too, so a long training run (perf.TUNE_MIN_STEPS steps or more)
 first times it against the direct kernels for each layer shape it supports, once per CPU model and jax
 version, and each layer takes the faster (`choose_layers`, cached beside perf's XLA:CPU options).
@@ -63,7 +67,7 @@ IMPLS = ("auto", "xla", "onednn", "winograd")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
 CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
 _TARGETS = ("Forward", "BackwardData", "BackwardWeights", "WinoForward", "WinoBackwardWeights", "Wino2Forward",
-            "Wino2BackwardWeights")
+            "Wino2BackwardWeights", "Im2colBackwardWeights")
 _FIX = ("install the onednn-cpu-gomp wheel (pip install onednn-cpu-gomp) and a C++ compiler (g++), "
         "or set --config.model.conv=xla")
 
@@ -232,6 +236,7 @@ def _partitioned(target: str, rule: str, sums_batch: bool, out_dtype=None):
 _forward = _partitioned("Forward", "n h w c, i j c o -> n p q o", sums_batch=False)
 _backward_data = _partitioned("BackwardData", "n p q o, i j c o -> n h w c", sums_batch=False)
 _backward_weights = _partitioned("BackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
+_im2col_backward_weights = _partitioned("Im2colBackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
 _wino_forward = _partitioned("WinoForward", "n h w c, t c o -> n h w o", sums_batch=False)
 _wino_backward_weights = _partitioned("WinoBackwardWeights", "n h w c, n h w o -> t c o", sums_batch=True)
 _wino2_forward = _partitioned("Wino2Forward", "n h w c, t c o -> n h w o", sums_batch=False)
@@ -256,8 +261,19 @@ def _conv_fwd(x, w, strides, padding):
 def _conv_bwd(strides, padding, residuals, dy):
     x, w = residuals
     dy = dy.astype(x.dtype)
-    return (_backward_data(dy, w, x.shape, strides, padding),
-            _backward_weights(x, dy, w.shape, strides, padding))
+    weights = _im2col_backward_weights if im2col_weight_gradient(x.dtype, w.shape, strides) else _backward_weights
+    return (_backward_data(dy, w, x.shape, strides, padding), weights(x, dy, w.shape, strides, padding))
+
+
+def im2col_weight_gradient(dtype, w_shape, strides) -> bool:
+    """Whether a layer's weight gradient is one matmul over im2col patches (kernels/onednn_conv.cc says why) rather
+    than oneDNN's backward-weights kernel: strided layers with more than one tap, in bfloat16, or in float32 from 128
+    input channels. On the 2-core AMD EPYC (Zen 4) of results/README.md, batch 256, the fastest of 7 (ms, direct
+    against im2col): bfloat16 3x3 stride 2, 16 -> 32 channels at 32x32 4.71 against 4.31, 64 -> 128 31.0 against
+    28.3, 256 -> 512 at 8x8 54.5 against 30.0; float32 16 -> 32 5.12 against 7.19, 64 -> 128 59.2 against 56.8,
+    256 -> 512 80.4 against 51.9. Stride 1 and 1x1 layers lost (bfloat16 16 -> 16 at 32x32 6.9 against 17.5)."""
+    return (tuple(strides) != (1, 1) and w_shape[0] * w_shape[1] > 1 and w_shape[3] % 16 == 0
+            and (dtype == jnp.bfloat16 or (dtype == jnp.float32 and w_shape[2] >= 128)))
 
 
 conv_nhwc.defvjp(_conv_fwd, _conv_bwd)

@@ -534,3 +534,83 @@ def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(
     monkeypatch.setenv(perf.DISABLE_ENV, "0")
     assert _targets(jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, narrow, wide).compile().as_text()) == [
         "WinoBackwardWeights", "WinoBackwardWeights", "WinoForward", "WinoForward", "WinoForward", "WinoForward"]
+
+
+# (dtype, batch, size, in, out, kernel, stride, padding): strided layers whose weight gradient is im2col + matmul
+IM2COL_CASES = [
+    ("bfloat16", 4, 8, 16, 32, 3, 2, "SAME"),
+    ("bfloat16", 3, 9, 8, 16, 3, 2, "SAME"),  # odd size: the last row and column of taps fall in the padding
+    ("bfloat16", 2, 11, 4, 16, 5, 3, ((2, 1), (0, 2))),  # stride 3, asymmetric explicit padding
+    ("bfloat16", 4, 32, 128, 16, 3, 2, "SAME"),  # 1024 output positions: two chunks, one per thread, summed
+    ("float32", 2, 6, 128, 16, 3, 2, "SAME"),
+]
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES, ids=[f"{c[0]}-{c[2]}px-k{c[5]}s{c[6]}" for c in IM2COL_CASES])
+def test_strided_weight_gradients_by_im2col_match_lax(case):
+    """The weight gradient of the same bfloat16 (or float32) inputs, to bfloat16 (float32) rounding of the sum."""
+    dtype, n, size, cin, cout, k, stride, padding = case
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
+
+    def weight_grad(conv, x, w, g):  # dw for the output cotangent g
+        return jax.vjp(lambda w: conv(x, w, (stride, stride), padding, dimension_numbers=NHWC), w)[1](g)[0]
+
+    y_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                                  dimension_numbers=NHWC)).shape
+    g = jnp.asarray(rng.normal(size=y_shape), dtype)
+    want = np.asarray(weight_grad(jax.lax.conv_general_dilated, *(v.astype(jnp.float32) for v in (x, w, g))))
+    ours = jax.jit(functools.partial(weight_grad, onednn_conv.conv_general_dilated))
+    assert _targets(ours.lower(x, w, g).compile().as_text()) == ["Im2colBackwardWeights"]
+    got = np.asarray(ours(x, w, g), np.float32)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if dtype == "float32" else 4e-3)
+
+
+@pytest.mark.parametrize("dtype, cin, cout, k, stride, why", [
+    ("bfloat16", 16, 16, 3, 1, "stride 1: oneDNN's kernel was faster"),
+    ("bfloat16", 16, 32, 1, 2, "1x1: oneDNN's kernel was faster"),
+    ("bfloat16", 16, 24, 3, 2, "output channels not a multiple of 16"),
+    ("float32", 64, 128, 3, 2, "float32 below 128 input channels: oneDNN's kernel was as fast"),
+])
+def test_other_weight_gradients_stay_with_onednns_kernel(dtype, cin, cout, k, stride, why):
+    x = jnp.zeros((2, 8, 8, cin), dtype)
+    w = jnp.zeros((k, k, cin, cout), dtype)
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(onednn_conv.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=NHWC).astype(jnp.float32))))
+    assert "Im2colBackwardWeights" not in _targets(grad.lower(w).compile().as_text()), why
+
+
+def test_im2col_weight_gradient_sharded_over_devices_matches_one_device():
+    assert jax.device_count() == 8
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) * 0.3, jnp.bfloat16)
+
+    def loss(w, x):
+        y = onednn_conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    one = jax.jit(jax.grad(loss))(w, x)
+    sharded = jax.jit(jax.grad(loss), in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    text = sharded.lower(w, xs).compile().as_text()
+    assert "Im2colBackwardWeights" in text and "all-gather" not in text
+    many = sharded(w, xs)
+    assert many.sharding.is_fully_replicated
+    # Each device sums its 2 images, then the devices' bfloat16 sums are added (as for oneDNN's kernel): they
+    # differ by the bfloat16 rounding of 8 partial sums, against the largest gradient.
+    many, one = np.asarray(many, np.float32), np.asarray(one, np.float32)
+    assert np.abs(many - one).max() <= 1e-2 * np.abs(one).max()
+
+
+def test_the_im2col_kernel_rejects_what_it_does_not_cover_with_the_reason():
+    x = jnp.zeros((2, 8, 8, 16), jnp.bfloat16)
+    with pytest.raises(Exception, match="output channels of 16"):
+        onednn_conv._call("Im2colBackwardWeights", (3, 3, 16, 24), jnp.bfloat16, x, jnp.zeros((2, 4, 4, 24), jnp.bfloat16),
+                          (2, 2), (1, 1, 1, 1))
+    with pytest.raises(Exception, match="do not match"):
+        onednn_conv._call("Im2colBackwardWeights", (3, 3, 16, 32), jnp.bfloat16, x, jnp.zeros((2, 5, 5, 32), jnp.bfloat16),
+                          (2, 2), (1, 1, 1, 1))

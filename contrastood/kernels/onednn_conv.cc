@@ -912,6 +912,103 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
   if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
   return ffi::Error::Success();
 }
+
+// --- Strided weight gradients as one matmul over im2col patches. ---
+//
+// Why: oneDNN 3.2's backward-weights kernel for stride-2 3x3 layers (jit_bf16 here) ran at about half its forward's
+// rate (results/README.md: ResNet-18's three stride-2 layers took 51-55 ms each, their forwards 27-29). The same
+// gradient is dw[(i, j, c), o] = sum over output positions r of patch[r, (i, j, c)] * dy[r, o]: a [K, R] x [R, o]
+// product (K = kh kw c) whose left operand is the im2col patches of x. Each thread builds the patches of a chunk of
+// output positions in its cache (x's rows at the taps, zeros in the padding) and adds P^T dy into its own float32
+// sum with a single-threaded oneDNN matmul; every team-th chunk, in order, so the sum is deterministic.
+template <typename T>
+void PatchRows(const T* __restrict x, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, int64_t kh,
+               int64_t kw, const int64_t* s, const int64_t* pad, int64_t r0, int64_t r1, T* __restrict patches) {
+  const int64_t k = kh * kw * c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / (ho * wo), p = r / wo % ho, q = r % wo;
+    T* row = patches + (r - r0) * k;
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t y = p * s[0] + i - pad[0];
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t xx = q * s[1] + j - pad[2];
+        T* dst = row + (i * kw + j) * c;
+        if (y < 0 || y >= h || xx < 0 || xx >= w)
+          std::memset(dst, 0, c * sizeof(T));
+        else
+          std::memcpy(dst, x + ((n * h + y) * w + xx) * c, c * sizeof(T));
+      }
+    }
+  }
+}
+
+ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
+  auto xd = x.dimensions(), gd = dy.dimensions(), wd = dw->dimensions();
+  const auto type = x.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || dy.element_type() != type ||
+      dw->element_type() != type || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
+      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "im2col weight gradient: x [n, h, w, c], dy [n, ho, wo, o] and dw [kh, kw, c, o], one float dtype");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3], kh = wd[0], kw = wd[1];
+  if ((h + padding[0] + padding[1] - kh) / strides[0] + 1 != ho || (w + padding[2] + padding[3] - kw) / strides[1] + 1 != wo)
+    return ffi::Error::InvalidArgument("im2col weight gradient: dy's height and width do not match x, strides, padding");
+  if (o % kChannelBlock) return ffi::Error::InvalidArgument("im2col weight gradient: output channels of 16");
+  const int dtype = type == ffi::DataType::F32 ? kF32 : kBF16;
+  const size_t bytes = type == ffi::DataType::F32 ? 4 : 2;
+  const int64_t k = kh * kw * c, rows = n * ho * wo, size = k * o;
+  // Chunks of about 2^20 patch values (2 MB in bfloat16), at least 256 rows: the matmul's inner dimension.
+  const int64_t chunk = OddChunks(rows, std::max<int64_t>(256, (int64_t{1} << 20) / k));
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  const int team = static_cast<int>(std::min<int64_t>(SetTeam(threads), chunks));
+  thread_local std::vector<float> sums;  // [team, K, o]: every thread's float32 sum
+  if (sums.size() < static_cast<size_t>(team * size)) sums.resize(team * size);
+  float* all = sums.data();
+  const char* xp = static_cast<const char*>(x.untyped_data());
+  const char* gp = static_cast<const char*>(dy.untyped_data());
+  const int64_t s[2] = {strides[0], strides[1]}, pad[4] = {padding[0], padding[1], padding[2], padding[3]};
+  std::string error;
+#pragma omp parallel num_threads(team)
+  {
+    const int t = omp_get_thread_num();
+    thread_local std::vector<char> patches;
+    if (patches.size() < static_cast<size_t>(chunk * k) * bytes) patches.resize(chunk * k * bytes);
+    float* sum = all + t * size;
+    std::string local;
+    bool first = true;
+    for (int64_t i = t; i < chunks && local.empty(); i += team) {
+      const int64_t r0 = i * chunk, r1 = std::min(rows, r0 + chunk);
+      if (dtype == kF32)
+        PatchRows(reinterpret_cast<const float*>(xp), h, w, c, ho, wo, kh, kw, s, pad, r0, r1,
+                  reinterpret_cast<float*>(patches.data()));
+      else
+        PatchRows(reinterpret_cast<const uint16_t*>(xp), h, w, c, ho, wo, kh, kw, s, pad, r0, r1,
+                  reinterpret_cast<uint16_t*>(patches.data()));
+      if (Matmul({k, r1 - r0, o, 1, !first, 1, 1, dtype}, patches.data(), gp + r0 * o * bytes, sum, &local) == 0)
+        first = false;
+    }
+    if (first) std::fill(sum, sum + size, 0.0f);
+    if (!local.empty()) {
+#pragma omp critical
+      error = local;
+    }
+#pragma omp barrier
+    float* out32 = static_cast<float*>(dw->untyped_data());
+    uint16_t* out16 = static_cast<uint16_t*>(dw->untyped_data());
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < size; j += kChannelBlock) {  // size = K o, o a multiple of 16 (checked below)
+      Lanes v = Load(all + j);
+      for (int r = 1; r < team; ++r) v += Load(all + r * size + j);
+      if (dtype == kF32)
+        Store(out32 + j, v);
+      else
+        StoreBf16(out16 + j, v);
+    }
+  }
+  if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
+  return ffi::Error::Success();
+}
 }  // namespace
 
 // All three take two NHWC/HWIO buffers, return one, and carry the strides, (top, bottom, left, right) padding and
@@ -936,6 +1033,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWinoBackwardWeights, WinoBackwardWe
 // Winograd F(2x2, 3x3), bfloat16: (x, u [16, c, o] bfloat16) -> y, and (x, dy) -> du [16, c, o] float32.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2Forward, Wino2Forward, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2BackwardWeights, Wino2BackwardWeights, ConvBinding());
+
+// Strided weight gradients by im2col + matmul: (x, dy) -> dw [kh, kw, c, o], float32 or bfloat16, o % 16 == 0.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvIm2colBackwardWeights, Im2colBackwardWeights, ConvBinding());
 
 // Switches the F(2x2) transforms' one-instruction bfloat16 stores on (1) or off (0); returns whether this CPU has
 // them (AVX512_BF16).
