@@ -52,11 +52,11 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from contrastood import cpu_isa  # noqa: E402  (no JAX in it)
-import torch.nn as nn
-import torch.nn.functional as F
 
 # Per-channel CIFAR-10 statistics, as contrastood/models.py (copied: this script must not need JAX).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

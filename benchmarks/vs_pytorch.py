@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,9 +95,11 @@ def main(argv=None):
     bf16_peak *= jax.device_count()
     ghz = clock_ghz()
     cap = cpu_isa.cap()
+    xla_cap = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))  # as set, by --max_isa or not
     capped = (f" [ISA capped at {cap}: ONEDNN_MAX_CPU_ISA (oneDNN, ours and PyTorch's), XLA_FLAGS "
-              f"--xla_cpu_max_isa={ISA_CAPS[cap][0]}, ATEN_CPU_CAPABILITY={ISA_CAPS[cap][1]}; the package's own C++ "
-              "kernels (target_clones) and YNNPACK still pick their code by CPUID]" if cap else "")
+              f"--xla_cpu_max_isa={xla_cap.group(1) if xla_cap else '(unset)'}, ATEN_CPU_CAPABILITY="
+              f"{os.environ.get('ATEN_CPU_CAPABILITY', '(unset)')}; the package's own C++ kernels (target_clones) "
+              "and YNNPACK still pick their code by CPUID]" if cap else "")
     print(f"CPU {identity['cpu']} ({identity['cores']} cores; {identity['isa']}){capped}, jax {jax.__version__}, "
           f"{jax.device_count()} device(s); host malloc: {host_memory.state['reason']}")
     print(f"MFU denominator: measured 1024^2 float32 matmul {matmul / 1e12:.3f} TFLOP/s"

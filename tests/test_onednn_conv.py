@@ -594,6 +594,9 @@ def test_the_im2col_kernel_rejects_what_it_does_not_cover_with_the_reason():
     with pytest.raises(Exception, match="output channels of 16"):
         onednn_conv._call("Im2colBackwardWeights", (3, 3, 16, 24), jnp.bfloat16, x, jnp.zeros((2, 4, 4, 24), jnp.bfloat16),
                           (2, 2), (1, 1, 1, 1))
+    with pytest.raises(Exception, match=r"x \[n, h, w, c\], dy"):  # a zero stride: checked before it divides
+        onednn_conv._call("Im2colBackwardWeights", (3, 3, 16, 32), jnp.bfloat16, x, jnp.zeros((2, 4, 4, 32), jnp.bfloat16),
+                          (0, 2), (1, 1, 1, 1))
     with pytest.raises(Exception, match="do not match"):
         onednn_conv._call("Im2colBackwardWeights", (3, 3, 16, 32), jnp.bfloat16, x, jnp.zeros((2, 5, 5, 32), jnp.bfloat16),
                           (2, 2), (1, 1, 1, 1))

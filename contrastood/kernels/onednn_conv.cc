@@ -948,7 +948,8 @@ ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Resul
   const auto type = x.element_type();
   if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || dy.element_type() != type ||
       dw->element_type() != type || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
-      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4)
+      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4 || strides[0] < 1 ||
+      strides[1] < 1)
     return ffi::Error::InvalidArgument(
         "im2col weight gradient: x [n, h, w, c], dy [n, ho, wo, o] and dw [kh, kw, c, o], one float dtype");
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3], kh = wd[0], kw = wd[1];
@@ -997,7 +998,7 @@ ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Resul
     float* out32 = static_cast<float*>(dw->untyped_data());
     uint16_t* out16 = static_cast<uint16_t*>(dw->untyped_data());
 #pragma omp for schedule(static)
-    for (int64_t j = 0; j < size; j += kChannelBlock) {  // size = K o, o a multiple of 16 (checked below)
+    for (int64_t j = 0; j < size; j += kChannelBlock) {  // size = K o, o a multiple of 16 (checked above)
       Lanes v = Load(all + j);
       for (int r = 1; r < team; ++r) v += Load(all + r * size + j);
       if (dtype == kF32)
