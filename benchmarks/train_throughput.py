@@ -77,7 +77,7 @@ def build_step(model_name: str, batch: int, dtype: str, contrastive: bool, image
     rng = np.random.default_rng(0)
     data = parallel.to_global({"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
                                "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
-    if model.conv_impl == "winograd":  # as a long training run does: each layer shape's kernel measured once
+    if model.conv_impl in ("onednn", "winograd"):  # as a long training run does: each layer's kernels measured once
         for key, choice in onednn_conv.choose_layers(lambda: jax.eval_shape(lambda s, b: step_fn(s, b), state, data),
                                                      mesh).items():
             print(f"measured once on this CPU (cached): {key.rsplit('workload=', 1)[-1]} -> {choice}", flush=True)

@@ -67,7 +67,7 @@ IMPLS = ("auto", "xla", "onednn", "winograd")
 LIBRARY_ENV = "CONTRASTOOD_ONEDNN_LIBRARY"  # path of libdnnl.so.3, when not the onednn-cpu-gomp wheel's
 CACHE_ENV = perf.CACHE_ENV  # where compiled kernels are kept (perf.cache_root)
 _TARGETS = ("Forward", "BackwardData", "BackwardWeights", "WinoForward", "WinoBackwardWeights", "Wino2Forward",
-            "Wino2BackwardWeights", "Im2colBackwardWeights")
+            "Wino2BackwardWeights", "Im2colBackwardWeights", "Col2imBackwardData")
 _FIX = ("install the onednn-cpu-gomp wheel (pip install onednn-cpu-gomp) and a C++ compiler (g++), "
         "or set --config.model.conv=xla")
 
@@ -237,6 +237,7 @@ _forward = _partitioned("Forward", "n h w c, i j c o -> n p q o", sums_batch=Fal
 _backward_data = _partitioned("BackwardData", "n p q o, i j c o -> n h w c", sums_batch=False)
 _backward_weights = _partitioned("BackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
 _im2col_backward_weights = _partitioned("Im2colBackwardWeights", "n h w c, n p q o -> i j c o", sums_batch=True)
+_col2im_backward_data = _partitioned("Col2imBackwardData", "n p q o, i j c o -> n h w c", sums_batch=False)
 _wino_forward = _partitioned("WinoForward", "n h w c, t c o -> n h w o", sums_batch=False)
 _wino_backward_weights = _partitioned("WinoBackwardWeights", "n h w c, n h w o -> t c o", sums_batch=True)
 _wino2_forward = _partitioned("Wino2Forward", "n h w c, t c o -> n h w o", sums_batch=False)
@@ -261,8 +262,10 @@ def _conv_fwd(x, w, strides, padding):
 def _conv_bwd(strides, padding, residuals, dy):
     x, w = residuals
     dy = dy.astype(x.dtype)
-    weights = _im2col_backward_weights if im2col_weight_gradient(x.dtype, w.shape, strides) else _backward_weights
-    return (_backward_data(dy, w, x.shape, strides, padding), weights(x, dy, w.shape, strides, padding))
+    col2im, im2col = strided_gradients_measured(x, w, strides, padding)
+    data = _col2im_backward_data if col2im else _backward_data
+    weights = _im2col_backward_weights if im2col else _backward_weights
+    return (data(dy, w, x.shape, strides, padding), weights(x, dy, w.shape, strides, padding))
 
 
 def im2col_weight_gradient(dtype, w_shape, strides) -> bool:
@@ -274,6 +277,16 @@ def im2col_weight_gradient(dtype, w_shape, strides) -> bool:
     256 -> 512 80.4 against 51.9. Stride 1 and 1x1 layers lost (bfloat16 16 -> 16 at 32x32 6.9 against 17.5)."""
     return (tuple(strides) != (1, 1) and w_shape[0] * w_shape[1] > 1 and w_shape[3] % 16 == 0
             and (dtype == jnp.bfloat16 or (dtype == jnp.float32 and w_shape[2] >= 128)))
+
+
+def col2im_supports(w_shape, strides) -> bool:
+    """Whether a layer's data gradient can be one matmul and a col2im scatter (kernels/onednn_conv.cc says why):
+    strided layers with input channels % 16 == 0. Only where choose_layers measured it faster on this CPU
+    (strided_gradients_measured): on the Intel Xeon with AMX of results/README.md, bfloat16, batch 256, the fastest
+    of 9 (ms, oneDNN against col2im), 3x3 stride 2: 64 -> 128 channels at 32x32 24.7 against 22.5, 128 -> 256
+    30.7 against 9.7, 256 -> 512 55.9 against 7.3; 1x1 stride 2: 64 -> 128 10.4 against 11.3, 256 -> 512 8.0
+    against 1.3; but 16 -> 32 at 32x32 1.2 against 2.9, and float32 gained only from 256 channels."""
+    return tuple(strides) != (1, 1) and w_shape[2] % 16 == 0
 
 
 conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
@@ -404,7 +417,7 @@ def winograd_bf16_conv3x3(x, w):
 LAYER_TABLE = "conv_layer_choices.json"  # under perf.cache_root()
 _LAYER_MIN_GAIN = perf._MIN_GAIN  # direct must beat Winograd by 5% to replace it (below that it is noise)
 _LAYER_ROUNDS = 5
-_recorded: list | None = None  # (x shape, w shape, dtype) of the layers a choose_layers trace met, uncached
+_recorded: list | None = None  # (kind, x shape, w shape, dtype[, strides, padding]) a choose_layers trace met, uncached
 _layer_choices: dict[str, dict] = {}  # this process's copy of each table it read, by path
 
 
@@ -424,6 +437,29 @@ def _layers() -> dict:
     return _layer_choices[path]
 
 
+def _strided_key(x_shape, w_shape, dtype, strides, padding) -> str:
+    return perf._key(f"strided_layer-{jnp.dtype(dtype).name}-x{'x'.join(map(str, x_shape))}"
+                     f"-w{'x'.join(map(str, w_shape))}-s{'x'.join(map(str, strides))}"
+                     f"-p{'x'.join(map(str, padding))}")
+
+
+def strided_gradients_measured(x, w, strides, padding) -> tuple[bool, bool]:
+    """(col2im data gradient, im2col weight gradient) for a conv_nhwc layer: this CPU's measured choice for a
+    strided layer's shapes where choose_layers cached one, else oneDNN's data gradient and `im2col_weight_gradient`'s
+    fixed rule. The measurement matters because the rates differ by CPU: oneDNN 3.2's strided data gradient is
+    3-8x slower than col2im's matmul on AMX (col2im_supports) but was near the bfloat16 peak on the AMD EPYC."""
+    default = (False, im2col_weight_gradient(x.dtype, w.shape, strides))
+    if tuple(strides) == (1, 1) or not perf.layer_tuning_enabled():
+        return default
+    entry = _layers().get(_strided_key(x.shape, w.shape, x.dtype, strides, padding))
+    if entry is None:
+        if _recorded is not None:
+            _recorded.append(("strided", tuple(x.shape), tuple(w.shape), jnp.dtype(x.dtype), tuple(strides),
+                              tuple(padding)))
+        return default
+    return entry["data"] == "col2im", entry["weights"] == "im2col"
+
+
 def winograd_measured(x, w) -> bool:
     """Whether a layer that Winograd supports runs by Winograd: this CPU's measured choice for its shapes where
     choose_layers cached one, else yes. CONTRASTOOD_CONV_LAYER_TUNING=0 (or CONTRASTOOD_XLA_CPU_TUNING=0) ignores
@@ -433,7 +469,7 @@ def winograd_measured(x, w) -> bool:
     entry = _layers().get(_layer_key(x.shape, w.shape, x.dtype))
     if entry is None:
         if _recorded is not None:
-            _recorded.append((tuple(x.shape), tuple(w.shape), jnp.dtype(x.dtype)))
+            _recorded.append(("winograd", tuple(x.shape), tuple(w.shape), jnp.dtype(x.dtype)))
         return True
     return entry.get("choice") != "direct"
 
@@ -464,11 +500,48 @@ def _layer_seconds(x_shape, w_shape, dtype, mesh) -> dict[str, float]:
     return best
 
 
+def _strided_seconds(x_shape, w_shape, dtype, strides, padding, mesh) -> dict[str, float]:
+    """Fastest of _LAYER_ROUNDS alternating calls of each data-gradient and weight-gradient kernel of a strided
+    layer (those it supports), batch-sharded over `mesh` as the step runs them."""
+    rng = np.random.default_rng(0)
+    batch, repl = NamedSharding(mesh, P(mesh.axis_names[0])), NamedSharding(mesh, P())
+    y_shape = jax.eval_shape(lambda a, b: conv_nhwc(a, b, strides, padding), jax.ShapeDtypeStruct(x_shape, dtype),
+                             jax.ShapeDtypeStruct(w_shape, dtype)).shape
+    x = jax.device_put(jnp.asarray(rng.standard_normal(x_shape), dtype), batch)
+    w = jax.device_put(jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype), repl)
+    dy = jax.device_put(jnp.asarray(rng.standard_normal(y_shape), dtype), batch)
+    kernels = {"data_direct": (_backward_data, (dy, w), x_shape, batch)}
+    if col2im_supports(w_shape, strides):
+        kernels["data_col2im"] = (_col2im_backward_data, (dy, w), x_shape, batch)
+    if w_shape[3] % 16 == 0:
+        kernels["weights_direct"] = (_backward_weights, (x, dy), w_shape, repl)
+        kernels["weights_im2col"] = (_im2col_backward_weights, (x, dy), w_shape, repl)
+    calls = {}
+    for name, (kernel, args, shape, out) in kernels.items():
+        calls[name] = (jax.jit(lambda a, b, kernel=kernel, shape=shape: kernel(a, b, shape, strides, padding),
+                               out_shardings=out), args)
+        jax.block_until_ready(calls[name][0](*args))  # compile and warm up
+    best = {name: float("inf") for name in calls}
+    for _ in range(_LAYER_ROUNDS):
+        for name, (call, args) in calls.items():
+            started = time.perf_counter()
+            jax.block_until_ready(call(*args))
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def _faster(seconds: dict, kind: str, default: str, other: str) -> str:
+    """`other` where it was measured and beat `default` by _LAYER_MIN_GAIN, else `default`."""
+    mine, theirs = seconds.get(f"{kind}_{default}", float("inf")), seconds.get(f"{kind}_{other}", float("inf"))
+    return other if theirs * _LAYER_MIN_GAIN < mine else default
+
+
 def choose_layers(trace, mesh) -> dict[str, str]:
     """Measures Winograd against the direct kernels for each layer shape Winograd supports in the computation that
-    `trace()` traces (say, lambda: jax.eval_shape(step_fn, state, batch)) and caches the choice per CPU model and
-    jax version, under the same file lock as perf.choose; then the next trace of the step uses it
-    (winograd_measured). A few seconds per shape, once: the training loop calls it for runs of
+    `trace()` traces (say, lambda: jax.eval_shape(step_fn, state, batch)), and each strided layer's gradient
+    kernels (oneDNN's against col2im's and im2col's matmuls), and caches the choices per CPU model and jax version,
+    under the same file lock as perf.choose; then the next trace of the step uses them (winograd_measured,
+    strided_gradients_measured). A few seconds per shape, once: the training loop calls it for runs of
     perf.TUNE_MIN_STEPS steps or more. -> {layer key: choice} of the shapes measured now."""
     global _recorded
     if not perf.layer_tuning_enabled() or load() is not None:
@@ -481,9 +554,25 @@ def choose_layers(trace, mesh) -> dict[str, str]:
     measured = {}
     if shapes:
         with perf.locked_table(_layer_table_path()) as table:
-            for x_shape, w_shape, dtype in shapes:
-                key = _layer_key(x_shape, w_shape, dtype)
+            for kind, x_shape, w_shape, dtype, *conv in shapes:
+                key = _layer_key(x_shape, w_shape, dtype) if kind == "winograd" else _strided_key(
+                    x_shape, w_shape, dtype, *conv)
                 if key in table:
+                    continue
+                if kind == "strided":
+                    seconds = _strided_seconds(x_shape, w_shape, dtype, *conv, mesh)
+                    default_weights = "im2col" if im2col_weight_gradient(dtype, w_shape, conv[0]) else "direct"
+                    data = _faster(seconds, "data", "direct", "col2im")
+                    weights = _faster(seconds, "weights", default_weights,
+                                      "direct" if default_weights == "im2col" else "im2col")
+                    table[key] = {"data": data, "weights": weights, "seconds": seconds, "x": list(x_shape),
+                                  "w": list(w_shape), "strides": list(conv[0]), "padding": list(conv[1]),
+                                  "dtype": dtype.name, "identity": perf.cpu_identity(),
+                                  "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+                    measured[key] = f"data {data}, weights {weights}"
+                    logging.info("strided convolution %s x %s (%s) on %s: data gradient %s, weight gradient %s "
+                                 "(ms: %s; cached)", x_shape, w_shape, dtype.name, perf.cpu_identity()["cpu"], data,
+                                 weights, ", ".join(f"{k} {1e3 * v:.1f}" for k, v in seconds.items()))
                     continue
                 seconds = _layer_seconds(x_shape, w_shape, dtype, mesh)
                 choice = "direct" if seconds["direct"] * _LAYER_MIN_GAIN < seconds["winograd"] else "winograd"
@@ -575,7 +664,7 @@ def hlo_flops(hlo_text: str) -> float:
             x, w, y = a, [3, 3, b[1], b[2]], out
         elif target in ("WinoBackwardWeights", "Wino2BackwardWeights"):  # x, dy -> du [36 or 16,c,o]
             x, w, y = a, [3, 3, out[1], out[2]], b
-        elif target == "BackwardData":  # dy, w -> dx
+        elif target in ("BackwardData", "Col2imBackwardData"):  # dy, w -> dx
             x, w, y = out, b, a
         else:  # x, dy -> dw
             x, w, y = a, out, b

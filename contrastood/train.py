@@ -321,7 +321,7 @@ def _train(config, path, mesh, train_source, test_source) -> TrainState:
         # Compile once, ahead of the loop, to read XLA's FLOP count of the step for train/mfu.
         first_batch = next(batches)
         long_run = total_steps - start_step >= perf.TUNE_MIN_STEPS
-        if long_run and model.conv_impl == "winograd":  # per layer shape, Winograd or direct on this CPU
+        if long_run and model.conv_impl in ("onednn", "winograd"):  # per layer shape, the kernels faster here
             onednn_conv.choose_layers(lambda: jax.eval_shape(lambda s, b: step_fn(s, b), state, first_batch), mesh)
         measure = perf.tuning_active() and long_run
         options = (tuned_options(step_fn, mesh, state, first_batch, workload, model.conv_impl) if measure

@@ -543,6 +543,132 @@ def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(
         "WinoBackwardWeights", "WinoBackwardWeights", "WinoForward", "WinoForward", "WinoForward", "WinoForward"]
 
 
+def test_each_strided_layer_takes_the_gradient_kernels_measured_faster_on_this_cpu(monkeypatch, tmp_path):
+    """choose_layers times oneDNN's data and weight gradients against col2im's and im2col's matmuls for every
+    strided layer of a traced computation, on its mesh, once per CPU (cached); the next trace follows each choice,
+    and without a measurement (or with layer tuning off) the fixed rule holds: oneDNN's data gradient."""
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(perf.LAYER_TUNING_ENV, raising=False)
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(10)
+    x = jax.device_put(jnp.asarray(rng.normal(size=(16, 8, 8, 32)), jnp.bfloat16), NamedSharding(mesh, P("data")))
+    w3, w1 = (jax.device_put(jnp.asarray(rng.normal(size=(k, k, 32, 64)) * 0.05, jnp.bfloat16),
+                             NamedSharding(mesh, P())) for k in (3, 1))
+
+    def loss(x, w3, w1):
+        return sum(jnp.sum(onednn_conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+                           .astype(jnp.float32) ** 2) for w in (w3, w1))
+
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))
+    assert _targets(grads.lower(x, w3, w1).compile().as_text()) == [  # the fixed rule, before any measurement
+        "BackwardData", "BackwardData", "BackwardWeights", "Forward", "Forward", "Im2colBackwardWeights"]
+    real, timed = onednn_conv._strided_seconds, []
+
+    def col2im_and_onednn_weights_faster(x_shape, w_shape, dtype, strides, padding, mesh_):
+        seconds = real(x_shape, w_shape, dtype, strides, padding, mesh_)  # the real timing runs
+        assert set(seconds) == {"data_direct", "data_col2im", "weights_direct", "weights_im2col"}
+        assert all(0 < s < 10 for s in seconds.values())
+        timed.append((x_shape, w_shape, strides, padding))
+        return {"data_direct": 2.0, "data_col2im": 1.0, "weights_direct": 1.0, "weights_im2col": 2.0}
+
+    monkeypatch.setattr(onednn_conv, "_strided_seconds", col2im_and_onednn_weights_faster)
+    measured = onednn_conv.choose_layers(lambda: jax.eval_shape(jax.grad(loss, (0, 1, 2)), x, w3, w1), mesh)
+    assert sorted(timed) == [((16, 8, 8, 32), (1, 1, 32, 64), (2, 2), (0, 0, 0, 0)),
+                             ((16, 8, 8, 32), (3, 3, 32, 64), (2, 2), (0, 1, 0, 1))]
+    assert sorted(measured.values()) == ["data col2im, weights direct"] * 2
+    table = json.loads((tmp_path / onednn_conv.LAYER_TABLE).read_text())
+    assert sorted((e["w"][0], e["data"], e["weights"]) for e in table.values()) == [
+        (1, "col2im", "direct"), (3, "col2im", "direct")]
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2)))
+    assert _targets(compiled.lower(x, w3, w1).compile().as_text()) == [
+        "BackwardWeights", "BackwardWeights", "Col2imBackwardData", "Col2imBackwardData", "Forward", "Forward"]
+    want = jax.jit(jax.grad(lambda x, w3, w1: sum(jnp.sum(jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), w.astype(jnp.float32), (2, 2), "SAME", dimension_numbers=NHWC) ** 2)
+        for w in (w3, w1)), (0, 1, 2)))(x, w3, w1)
+    for got, ref in zip(compiled(x, w3, w1), want):
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(np.asarray(got, np.float32) / scale, np.asarray(ref) / scale, atol=2e-2)
+
+    monkeypatch.setattr(onednn_conv, "_strided_seconds", lambda *args: pytest.fail("measured again"))
+    assert onednn_conv.choose_layers(lambda: jax.eval_shape(jax.grad(loss, (0, 1, 2)), x, w3, w1), mesh) == {}
+    monkeypatch.setenv(perf.LAYER_TUNING_ENV, "0")
+    assert "Col2imBackwardData" not in _targets(jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, w3, w1).compile()
+                                                .as_text())
+
+
+# (dtype, batch, size, in, out, kernel, stride, padding): strided layers whose data gradient is matmul + col2im
+COL2IM_CASES = [
+    ("bfloat16", 4, 8, 16, 32, 3, 2, "SAME"),
+    ("bfloat16", 3, 9, 16, 8, 3, 2, "SAME"),  # odd size, output channels not a multiple of 16
+    ("bfloat16", 2, 11, 16, 16, 5, 3, ((2, 1), (0, 2))),  # stride 3, asymmetric explicit padding
+    ("bfloat16", 2, 9, 32, 16, 1, 2, "VALID"),  # 1x1 stride 2: every other pixel's gradient is zero
+    ("bfloat16", 6, 32, 128, 16, 3, 2, "SAME"),  # one image per chunk: 6 chunks on the threads
+    ("float32", 2, 8, 16, 32, 3, 2, "SAME"),
+    ("float32", 2, 6, 128, 16, 3, 2, "SAME"),
+]
+
+
+@pytest.mark.parametrize("case", COL2IM_CASES, ids=[f"{c[0]}-{c[2]}px-c{c[3]}k{c[5]}s{c[6]}" for c in COL2IM_CASES])
+def test_strided_data_gradients_by_col2im_match_lax(case, monkeypatch):
+    """The data gradient of the same bfloat16 (or float32) inputs, to bfloat16 (float32) rounding of the sum."""
+    dtype, n, size, cin, cout, k, stride, padding = case
+    monkeypatch.setattr(onednn_conv, "strided_gradients_measured", lambda *args: (True, False))
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
+
+    def data_grad(conv, x, w, g):  # dx for the output cotangent g
+        return jax.vjp(lambda x: conv(x, w, (stride, stride), padding, dimension_numbers=NHWC), x)[1](g)[0]
+
+    y_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                                  dimension_numbers=NHWC)).shape
+    g = jnp.asarray(rng.normal(size=y_shape), dtype)
+    want = np.asarray(data_grad(jax.lax.conv_general_dilated, *(v.astype(jnp.float32) for v in (x, w, g))))
+    ours = jax.jit(functools.partial(data_grad, onednn_conv.conv_general_dilated))
+    compiled = ours.lower(x, w, g).compile()
+    assert _targets(compiled.as_text()) == ["Col2imBackwardData"]
+    lax_flops = perf.step_flops(jax.jit(functools.partial(data_grad, jax.lax.conv_general_dilated)).lower(
+        x.astype(jnp.float32), w.astype(jnp.float32), g.astype(jnp.float32)).compile())
+    np.testing.assert_allclose(perf.step_flops(compiled), lax_flops, rtol=0.02)  # counted as the convolution
+    got = np.asarray(ours(x, w, g), np.float32)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if dtype == "float32" else 4e-3)
+    if k == 1:  # the pixels no output reads get exactly zero
+        assert not got[:, 1::2].any() and not got[:, :, 1::2].any()
+
+
+def test_col2im_sharded_over_devices_matches_one_device():
+    """Batch-sharded over 8 devices, each device scatters its own images' gradient: the same bits as on one."""
+    mesh = parallel.create_mesh()
+    rng = np.random.default_rng(7)
+    dy = jnp.asarray(rng.normal(size=(16, 4, 4, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) * 0.3, jnp.bfloat16)
+    call = lambda dy, w: onednn_conv._col2im_backward_data(dy, w, (16, 8, 8, 16), (2, 2), (0, 1, 0, 1))
+    one = jax.jit(call)(dy, w)
+    sharded = jax.jit(call, in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))
+    many = sharded(dy, w)
+    assert "all-gather" not in sharded.lower(dy, w).compile().as_text()
+    assert many.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(one, np.float32), np.asarray(many, np.float32))
+
+
+def test_the_col2im_kernel_rejects_what_it_does_not_cover_with_the_reason():
+    dy = jnp.zeros((2, 4, 4, 32), jnp.bfloat16)
+    with pytest.raises(Exception, match="input channels of 16"):
+        onednn_conv._call("Col2imBackwardData", (2, 8, 8, 24), jnp.bfloat16, dy,
+                          jnp.zeros((3, 3, 24, 32), jnp.bfloat16), (2, 2), (1, 1, 1, 1))
+    with pytest.raises(Exception, match=r"dy \[n, ho, wo, o\], w"):  # a zero stride: checked before it divides
+        onednn_conv._call("Col2imBackwardData", (2, 8, 8, 16), jnp.bfloat16, dy,
+                          jnp.zeros((3, 3, 16, 32), jnp.bfloat16), (0, 2), (1, 1, 1, 1))
+    with pytest.raises(Exception, match=r"dy \[n, ho, wo, o\], w"):  # mixed dtypes
+        onednn_conv._call("Col2imBackwardData", (2, 8, 8, 16), jnp.bfloat16, dy,
+                          jnp.zeros((3, 3, 16, 32), jnp.float32), (2, 2), (1, 1, 1, 1))
+    with pytest.raises(Exception, match="do not match"):
+        onednn_conv._call("Col2imBackwardData", (2, 10, 10, 16), jnp.bfloat16, dy,
+                          jnp.zeros((3, 3, 16, 32), jnp.bfloat16), (2, 2), (1, 1, 1, 1))
+
+
 # (dtype, batch, size, in, out, kernel, stride, padding): strided layers whose weight gradient is im2col + matmul
 IM2COL_CASES = [
     ("bfloat16", 4, 8, 16, 32, 3, 2, "SAME"),

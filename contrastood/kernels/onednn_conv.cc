@@ -610,8 +610,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void OutputTransfor
 // The operands are float32 or bfloat16 (`dtype`); the result is always float32.
 struct MatmulProblem {
   int64_t rows, inner, cols;
-  int transpose_a, accumulate, threads, points = 36, dtype = kF32;
-  auto tie() const { return std::tie(rows, inner, cols, transpose_a, accumulate, threads, points, dtype); }
+  int transpose_a, accumulate, threads, points = 36, dtype = kF32, transpose_b = 0;  // b stored [cols, inner]
+  auto tie() const {
+    return std::tie(rows, inner, cols, transpose_a, accumulate, threads, points, dtype, transpose_b);
+  }
   bool operator<(const MatmulProblem& other) const { return tie() < other.tie(); }
 };
 
@@ -639,7 +641,8 @@ const MatmulPlan* GetMatmul(const MatmulProblem& p) {
   auto* plan = new MatmulPlan();
   plan->a = p.transpose_a ? Plain3(p.points, p.rows, p.inner, p.rows * p.inner, 1, p.rows, p.dtype)
                           : Plain3(p.points, p.rows, p.inner, p.rows * p.inner, p.inner, 1, p.dtype);
-  plan->b = Plain3(p.points, p.inner, p.cols, p.inner * p.cols, p.cols, 1, p.dtype);
+  plan->b = p.transpose_b ? Plain3(p.points, p.inner, p.cols, p.inner * p.cols, 1, p.inner, p.dtype)
+                          : Plain3(p.points, p.inner, p.cols, p.inner * p.cols, p.cols, 1, p.dtype);
   plan->c = Plain3(p.points, p.rows, p.cols, p.rows * p.cols, p.cols, 1);
   dnnl_primitive_attr_t attr = nullptr;
   dnnl_primitive_attr_create(&attr);
@@ -1010,6 +1013,98 @@ ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Resul
   if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
   return ffi::Error::Success();
 }
+
+// --- Strided data gradients as one matmul and a col2im scatter. ---
+//
+// Why: oneDNN 3.2's strided backward-data kernel (brgconv_strided on AMX) ran ResNet-18's stride-2 layers 3.5-5x
+// slower than their forwards (results/README.md). The data gradient is the transpose of im2col: the patches'
+// gradient dP = dy W^T ([R, o] x [o, K], K = kh kw c) adds each value back into the x position it was copied from.
+// Each thread takes whole images, so no two threads write one pixel: it multiplies its chunk's rows by W^T with a
+// single-threaded oneDNN matmul into a float32 buffer in its cache, then adds them up image by image in a float32
+// image that is rounded once, as oneDNN rounds its float32 accumulators.
+template <class T>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void Col2imImages(
+    const float* __restrict dp, int64_t n0, int64_t n1, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo,
+    int64_t kh, int64_t kw, const int64_t* s, const int64_t* pad, float* __restrict image, T* __restrict dx) {
+  const int64_t k = kh * kw * c, pixels = h * w * c;
+  for (int64_t n = n0; n < n1; ++n) {
+    std::memset(image, 0, pixels * sizeof(float));
+    const float* rows = dp + (n - n0) * ho * wo * k;
+    for (int64_t p = 0; p < ho; ++p)
+      for (int64_t q = 0; q < wo; ++q) {
+        const float* row = rows + (p * wo + q) * k;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t y = p * s[0] + i - pad[0];
+          if (y < 0 || y >= h) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t xx = q * s[1] + j - pad[2];
+            if (xx < 0 || xx >= w) continue;
+            float* sum = image + (y * w + xx) * c;
+            const float* add = row + (i * kw + j) * c;
+            for (int64_t ch = 0; ch < c; ch += kChannelBlock) Store(sum + ch, Load(sum + ch) + Load(add + ch));
+          }
+        }
+      }
+    T* out = dx + n * pixels;
+    for (int64_t e = 0; e < pixels; e += kChannelBlock) StoreAny(out + e, Load(image + e));
+  }
+}
+
+ffi::Error Col2imBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                              ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
+  auto gd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
+  const auto type = dy.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || w.element_type() != type ||
+      dx->element_type() != type || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
+      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4 || strides[0] < 1 ||
+      strides[1] < 1)
+    return ffi::Error::InvalidArgument(
+        "col2im data gradient: dy [n, ho, wo, o], w [kh, kw, c, o] and dx [n, h, w, c], one float dtype");
+  const int64_t n = xd[0], h = xd[1], width = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3], kh = wd[0],
+                kw = wd[1];
+  if ((h + padding[0] + padding[1] - kh) / strides[0] + 1 != ho ||
+      (width + padding[2] + padding[3] - kw) / strides[1] + 1 != wo)
+    return ffi::Error::InvalidArgument("col2im data gradient: dy's height and width do not match dx, strides, padding");
+  if (c % kChannelBlock) return ffi::Error::InvalidArgument("col2im data gradient: input channels of 16");
+  const int dtype = type == ffi::DataType::F32 ? kF32 : kBF16;
+  const size_t bytes = type == ffi::DataType::F32 ? 4 : 2;
+  const int64_t k = kh * kw * c, per_image = ho * wo;
+  // Whole images per chunk, about 2^19 float32 patch-gradient values (2 MB), at least 256 rows where they fit.
+  const int64_t budget = int64_t{1} << 19;
+  const int64_t images = std::min(n, std::max<int64_t>({1, budget / (per_image * k), (256 + per_image - 1) / per_image}));
+  const int64_t chunks = (n + images - 1) / images;
+  const int team = static_cast<int>(std::min<int64_t>(SetTeam(threads), chunks));
+  const char* gp = static_cast<const char*>(dy.untyped_data());
+  const void* wp = w.untyped_data();
+  const int64_t s[2] = {strides[0], strides[1]}, pad[4] = {padding[0], padding[1], padding[2], padding[3]};
+  std::string error;
+#pragma omp parallel num_threads(team)
+  {
+    const int t = omp_get_thread_num();
+    thread_local std::vector<float> dp, image;
+    if (dp.size() < static_cast<size_t>(images * per_image * k)) dp.resize(images * per_image * k);
+    if (image.size() < static_cast<size_t>(h * width * c)) image.resize(h * width * c);
+    std::string local;
+    for (int64_t i = t; i < chunks && local.empty(); i += team) {
+      const int64_t n0 = i * images, n1 = std::min(n, n0 + images);
+      if (Matmul({(n1 - n0) * per_image, o, k, 0, 0, 1, 1, dtype, 1}, gp + n0 * per_image * o * bytes, wp,
+                 dp.data(), &local) != 0)
+        break;
+      if (dtype == kF32)
+        Col2imImages(dp.data(), n0, n1, h, width, c, ho, wo, kh, kw, s, pad, image.data(),
+                     static_cast<float*>(dx->untyped_data()));
+      else
+        Col2imImages(dp.data(), n0, n1, h, width, c, ho, wo, kh, kw, s, pad, image.data(),
+                     static_cast<uint16_t*>(dx->untyped_data()));
+    }
+    if (!local.empty()) {
+#pragma omp critical
+      error = local;
+    }
+  }
+  if (!error.empty()) return ffi::Error(ffi::ErrorCode::kInternal, error);
+  return ffi::Error::Success();
+}
 }  // namespace
 
 // All three take two NHWC/HWIO buffers, return one, and carry the strides, (top, bottom, left, right) padding and
@@ -1037,6 +1132,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvWino2BackwardWeights, Wino2Backward
 
 // Strided weight gradients by im2col + matmul: (x, dy) -> dw [kh, kw, c, o], float32 or bfloat16, o % 16 == 0.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvIm2colBackwardWeights, Im2colBackwardWeights, ConvBinding());
+// Strided data gradients by matmul + col2im: (dy, w) -> dx [n, h, w, c], float32 or bfloat16, c % 16 == 0.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ContrastoodConvCol2imBackwardData, Col2imBackwardData, ConvBinding());
 
 // Switches the F(2x2) transforms' one-instruction bfloat16 stores on (1) or off (0); returns whether this CPU has
 // them (AVX512_BF16).
