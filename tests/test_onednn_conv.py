@@ -497,13 +497,19 @@ def test_a_bf16_model_under_winograd_matches_the_direct_kernels(monkeypatch):
         np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=5e-2)
 
 
-def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(monkeypatch, tmp_path):
-    """choose_layers times Winograd against the direct kernels for every layer shape Winograd supports in a
-    traced computation, on its mesh, once per CPU (cached); the next trace follows the choice per shape, a second
-    call measures nothing, and CONTRASTOOD_XLA_CPU_TUNING=0 restores the fixed rule."""
+@pytest.fixture
+def layer_tuning(monkeypatch, tmp_path):
+    """Per-layer kernel measurements on (the suite turns them off), cached under tmp_path."""
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
     monkeypatch.delenv(perf.LAYER_TUNING_ENV, raising=False)
+
+
+def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(monkeypatch, tmp_path,
+                                                                                 layer_tuning):
+    """choose_layers times Winograd against the direct kernels for every layer shape Winograd supports in a
+    traced computation, on its mesh, once per CPU (cached); the next trace follows the choice per shape, a second
+    call measures nothing, and CONTRASTOOD_XLA_CPU_TUNING=0 restores the fixed rule."""
     mesh = parallel.create_mesh()
     rng = np.random.default_rng(9)
     x = jax.device_put(jnp.asarray(rng.normal(size=(16, 8, 8, 64)), jnp.float32), NamedSharding(mesh, P("data")))
@@ -543,13 +549,11 @@ def test_each_winograd_layer_shape_takes_the_kernel_measured_faster_on_this_cpu(
         "WinoBackwardWeights", "WinoBackwardWeights", "WinoForward", "WinoForward", "WinoForward", "WinoForward"]
 
 
-def test_each_strided_layer_takes_the_gradient_kernels_measured_faster_on_this_cpu(monkeypatch, tmp_path):
+def test_each_strided_layer_takes_the_gradient_kernels_measured_faster_on_this_cpu(monkeypatch, tmp_path,
+                                                                                   layer_tuning):
     """choose_layers times oneDNN's data and weight gradients against col2im's and im2col's matmuls for every
     strided layer of a traced computation, on its mesh, once per CPU (cached); the next trace follows each choice,
     and without a measurement (or with layer tuning off) the fixed rule holds: oneDNN's data gradient."""
-    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(perf.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(perf.LAYER_TUNING_ENV, raising=False)
     mesh = parallel.create_mesh()
     rng = np.random.default_rng(10)
     x = jax.device_put(jnp.asarray(rng.normal(size=(16, 8, 8, 32)), jnp.bfloat16), NamedSharding(mesh, P("data")))
@@ -597,6 +601,29 @@ def test_each_strided_layer_takes_the_gradient_kernels_measured_faster_on_this_c
                                                 .as_text())
 
 
+def _strided_gradient(case, wrt: int, seed: int):
+    """-> (ours compiled, ours, lax's in float32, lax's step FLOPs): the gradient of a strided conv of bfloat16 (or
+    float32) inputs with respect to x (wrt=0) or w (wrt=1), for a random output cotangent."""
+    dtype, n, size, cin, cout, k, stride, padding = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
+
+    def grad(conv, x, w, g):
+        def f(*xw):
+            return conv(*xw, (stride, stride), padding, dimension_numbers=NHWC)
+        return jax.vjp(lambda v: f(*((v, w) if wrt == 0 else (x, v))), (x, w)[wrt])[1](g)[0]
+
+    y_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                                  dimension_numbers=NHWC)).shape
+    g = jnp.asarray(rng.normal(size=y_shape), dtype)
+    as_f32 = [v.astype(jnp.float32) for v in (x, w, g)]
+    reference = jax.jit(functools.partial(grad, jax.lax.conv_general_dilated))
+    compiled = jax.jit(functools.partial(grad, onednn_conv.conv_general_dilated)).lower(x, w, g).compile()
+    return (compiled, np.asarray(compiled(x, w, g), np.float32), np.asarray(reference(*as_f32)),
+            perf.step_flops(reference.lower(*as_f32).compile()))
+
+
 # (dtype, batch, size, in, out, kernel, stride, padding): strided layers whose data gradient is matmul + col2im
 COL2IM_CASES = [
     ("bfloat16", 4, 8, 16, 32, 3, 2, "SAME"),
@@ -611,30 +638,14 @@ COL2IM_CASES = [
 
 @pytest.mark.parametrize("case", COL2IM_CASES, ids=[f"{c[0]}-{c[2]}px-c{c[3]}k{c[5]}s{c[6]}" for c in COL2IM_CASES])
 def test_strided_data_gradients_by_col2im_match_lax(case, monkeypatch):
-    """The data gradient of the same bfloat16 (or float32) inputs, to bfloat16 (float32) rounding of the sum."""
-    dtype, n, size, cin, cout, k, stride, padding = case
+    """The data gradient of the same inputs, to bfloat16 (float32) rounding of the sum, counted as its FLOPs."""
     monkeypatch.setattr(onednn_conv, "strided_gradients_measured", lambda *args: (True, False))
-    rng = np.random.default_rng(6)
-    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
-    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
-
-    def data_grad(conv, x, w, g):  # dx for the output cotangent g
-        return jax.vjp(lambda x: conv(x, w, (stride, stride), padding, dimension_numbers=NHWC), x)[1](g)[0]
-
-    y_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                                                  dimension_numbers=NHWC)).shape
-    g = jnp.asarray(rng.normal(size=y_shape), dtype)
-    want = np.asarray(data_grad(jax.lax.conv_general_dilated, *(v.astype(jnp.float32) for v in (x, w, g))))
-    ours = jax.jit(functools.partial(data_grad, onednn_conv.conv_general_dilated))
-    compiled = ours.lower(x, w, g).compile()
+    compiled, got, want, lax_flops = _strided_gradient(case, wrt=0, seed=6)
     assert _targets(compiled.as_text()) == ["Col2imBackwardData"]
-    lax_flops = perf.step_flops(jax.jit(functools.partial(data_grad, jax.lax.conv_general_dilated)).lower(
-        x.astype(jnp.float32), w.astype(jnp.float32), g.astype(jnp.float32)).compile())
-    np.testing.assert_allclose(perf.step_flops(compiled), lax_flops, rtol=0.02)  # counted as the convolution
-    got = np.asarray(ours(x, w, g), np.float32)
+    np.testing.assert_allclose(perf.step_flops(compiled), lax_flops, rtol=0.02)
     scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if dtype == "float32" else 4e-3)
-    if k == 1:  # the pixels no output reads get exactly zero
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if case[0] == "float32" else 4e-3)
+    if case[5] == 1:  # 1x1 stride 2: the pixels no output reads get exactly zero
         assert not got[:, 1::2].any() and not got[:, :, 1::2].any()
 
 
@@ -681,24 +692,11 @@ IM2COL_CASES = [
 
 @pytest.mark.parametrize("case", IM2COL_CASES, ids=[f"{c[0]}-{c[2]}px-k{c[5]}s{c[6]}" for c in IM2COL_CASES])
 def test_strided_weight_gradients_by_im2col_match_lax(case):
-    """The weight gradient of the same bfloat16 (or float32) inputs, to bfloat16 (float32) rounding of the sum."""
-    dtype, n, size, cin, cout, k, stride, padding = case
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(n, size, size, cin)), dtype)
-    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, dtype)
-
-    def weight_grad(conv, x, w, g):  # dw for the output cotangent g
-        return jax.vjp(lambda w: conv(x, w, (stride, stride), padding, dimension_numbers=NHWC), w)[1](g)[0]
-
-    y_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                                                  dimension_numbers=NHWC)).shape
-    g = jnp.asarray(rng.normal(size=y_shape), dtype)
-    want = np.asarray(weight_grad(jax.lax.conv_general_dilated, *(v.astype(jnp.float32) for v in (x, w, g))))
-    ours = jax.jit(functools.partial(weight_grad, onednn_conv.conv_general_dilated))
-    assert _targets(ours.lower(x, w, g).compile().as_text()) == ["Im2colBackwardWeights"]
-    got = np.asarray(ours(x, w, g), np.float32)
+    """The weight gradient of the same inputs, to bfloat16 (float32) rounding of the sum."""
+    compiled, got, want, _ = _strided_gradient(case, wrt=1, seed=5)
+    assert _targets(compiled.as_text()) == ["Im2colBackwardWeights"]
     scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if dtype == "float32" else 4e-3)
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5 if case[0] == "float32" else 4e-3)
 
 
 @pytest.mark.parametrize("dtype, cin, cout, k, stride, why", [

@@ -453,8 +453,9 @@ def test_training_with_unlabelled_images_resumes_exactly(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_path, monkeypatch):
     """The training loop times every candidate on its own step (8 devices, a copy of the state) before the
-    first step, and Winograd against the direct kernels for each layer shape Winograd supports; it caches the
-    winners for this CPU and workload, and the next run reads them without measuring."""
+    first step, Winograd against the direct kernels for each layer shape Winograd supports, and each strided
+    layer's gradient kernels; it caches the winners for this CPU and workload, and the next run reads them
+    without measuring."""
     from contrastood import onednn_conv, perf
 
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "cache"))
@@ -472,15 +473,24 @@ def test_a_long_run_measures_its_xla_cpu_options_once_and_trains_with_them(tmp_p
     if onednn_conv.load() is None:  # model.conv=auto took Winograd where it applies
         # Its one layer Winograd supports (64 channels at 8x8; both views of the global batch) was timed against
         # the direct kernels.
-        (layer,) = json.loads((tmp_path / "cache" / onednn_conv.LAYER_TABLE).read_text()).values()
+        layers = json.loads((tmp_path / "cache" / onednn_conv.LAYER_TABLE).read_text()).values()
+        (layer,) = [entry for entry in layers if "choice" in entry]
         assert (layer["x"], layer["w"], layer["dtype"]) == ([32, 8, 8, 64], [3, 3, 64, 64], "float32")
         assert layer["choice"] in ("winograd", "direct") and set(layer["seconds"]) == {"winograd", "direct"}
         assert all(s > 0 for s in layer["seconds"].values())
+        # And its two stride-2 stages' 3x3 and 1x1 convolutions: both data and both weight gradients timed.
+        strided = sorted((e["x"], e["w"]) for e in layers if "data" in e)
+        assert strided == [([32, 16, 16, 32], [1, 1, 32, 64]), ([32, 16, 16, 32], [3, 3, 32, 64]),
+                           ([32, 32, 32, 16], [1, 1, 16, 32]), ([32, 32, 32, 16], [3, 3, 16, 32])]
+        for entry in (e for e in layers if "data" in e):
+            assert entry["data"] in ("direct", "col2im") and entry["weights"] in ("direct", "im2col")
+            assert set(entry["seconds"]) == {"data_direct", "data_col2im", "weights_direct", "weights_im2col"}
 
     real_choose = perf.choose
     monkeypatch.setattr(perf, "choose", lambda workload, seconds_per_step, conv="xla": real_choose(
         workload, lambda options: pytest.fail("measured again"), conv))
     monkeypatch.setattr(onednn_conv, "_layer_seconds", lambda *args: pytest.fail("layer measured again"))
+    monkeypatch.setattr(onednn_conv, "_strided_seconds", lambda *args: pytest.fail("strided layer measured again"))
     again = train.train_and_evaluate(config, str(tmp_path / "again"))
     assert int(again.step) == 6
 
