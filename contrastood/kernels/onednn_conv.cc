@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -924,6 +925,25 @@ ffi::Error Wino2BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result
 // product (K = kh kw c) whose left operand is the im2col patches of x. Each thread builds the patches of a chunk of
 // output positions in its cache (x's rows at the taps, zeros in the padding) and adds P^T dy into its own float32
 // sum with a single-threaded oneDNN matmul; every team-th chunk, in order, so the sum is deterministic.
+// The shapes of an im2col or col2im call, the same convolution seen from either side: x [n, h, w, c], dy
+// [n, ho, wo, o] and w [kh, kw, c, o] of one float dtype (`types`: the three buffers'), strides of at least 1 (checked
+// before anything divides by them), and ho, wo the convolution's output size.
+ffi::Error CheckPatchProblem(const std::string& what, std::initializer_list<ffi::DataType> types,
+                             ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd, ffi::Span<const int64_t> wd,
+                             ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  const ffi::DataType type = *types.begin();
+  const bool one_float = (type == ffi::DataType::F32 || type == ffi::DataType::BF16) &&
+                         std::all_of(types.begin(), types.end(), [&](ffi::DataType t) { return t == type; });
+  if (!one_float || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || wd[2] != xd[3] ||
+      wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4 || strides[0] < 1 || strides[1] < 1)
+    return ffi::Error::InvalidArgument(
+        what + ": x [n, h, w, c], dy [n, ho, wo, o], w [kh, kw, c, o], one float dtype, strides of at least 1");
+  if ((xd[1] + padding[0] + padding[1] - wd[0]) / strides[0] + 1 != gd[1] ||
+      (xd[2] + padding[2] + padding[3] - wd[1]) / strides[1] + 1 != gd[2])
+    return ffi::Error::InvalidArgument(what + ": dy's height and width do not match x, strides, padding");
+  return ffi::Error::Success();
+}
+
 template <typename T>
 void PatchRows(const T* __restrict x, int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, int64_t kh,
                int64_t kw, const int64_t* s, const int64_t* pad, int64_t r0, int64_t r1, T* __restrict patches) {
@@ -949,15 +969,10 @@ ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Resul
                                  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   auto xd = x.dimensions(), gd = dy.dimensions(), wd = dw->dimensions();
   const auto type = x.element_type();
-  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || dy.element_type() != type ||
-      dw->element_type() != type || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
-      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4 || strides[0] < 1 ||
-      strides[1] < 1)
-    return ffi::Error::InvalidArgument(
-        "im2col weight gradient: x [n, h, w, c], dy [n, ho, wo, o] and dw [kh, kw, c, o], one float dtype");
+  ffi::Error bad = CheckPatchProblem("im2col weight gradient", {type, dy.element_type(), dw->element_type()}, xd, gd,
+                                     wd, strides, padding);
+  if (bad.failure()) return bad;
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3], kh = wd[0], kw = wd[1];
-  if ((h + padding[0] + padding[1] - kh) / strides[0] + 1 != ho || (w + padding[2] + padding[3] - kw) / strides[1] + 1 != wo)
-    return ffi::Error::InvalidArgument("im2col weight gradient: dy's height and width do not match x, strides, padding");
   if (o % kChannelBlock) return ffi::Error::InvalidArgument("im2col weight gradient: output channels of 16");
   const int dtype = type == ffi::DataType::F32 ? kF32 : kBF16;
   const size_t bytes = type == ffi::DataType::F32 ? 4 : 2;
@@ -1016,8 +1031,8 @@ ffi::Error Im2colBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Resul
 
 // --- Strided data gradients as one matmul and a col2im scatter. ---
 //
-// Why: oneDNN 3.2's strided backward-data kernel (brgconv_strided on AMX) ran ResNet-18's stride-2 layers 3.5-5x
-// slower than their forwards (results/README.md). The data gradient is the transpose of im2col: the patches'
+// Why: oneDNN 3.2's strided backward-data kernel (brgconv_strided on AMX) ran ResNet-18's stride-2 layers 2.3-5.6x
+// slower than their forwards per call (results/README.md). The data gradient is the transpose of im2col: the patches'
 // gradient dP = dy W^T ([R, o] x [o, K], K = kh kw c) adds each value back into the x position it was copied from.
 // Each thread takes whole images, so no two threads write one pixel: it multiplies its chunk's rows by W^T with a
 // single-threaded oneDNN matmul into a float32 buffer in its cache, then adds them up image by image in a float32
@@ -1054,24 +1069,19 @@ ffi::Error Col2imBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<f
                               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t threads) {
   auto gd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
   const auto type = dy.element_type();
-  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || w.element_type() != type ||
-      dx->element_type() != type || xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] ||
-      wd[2] != xd[3] || wd[3] != gd[3] || strides.size() != 2 || padding.size() != 4 || strides[0] < 1 ||
-      strides[1] < 1)
-    return ffi::Error::InvalidArgument(
-        "col2im data gradient: dy [n, ho, wo, o], w [kh, kw, c, o] and dx [n, h, w, c], one float dtype");
+  ffi::Error bad = CheckPatchProblem("col2im data gradient", {type, w.element_type(), dx->element_type()}, xd, gd,
+                                     wd, strides, padding);
+  if (bad.failure()) return bad;
   const int64_t n = xd[0], h = xd[1], width = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3], kh = wd[0],
                 kw = wd[1];
-  if ((h + padding[0] + padding[1] - kh) / strides[0] + 1 != ho ||
-      (width + padding[2] + padding[3] - kw) / strides[1] + 1 != wo)
-    return ffi::Error::InvalidArgument("col2im data gradient: dy's height and width do not match dx, strides, padding");
   if (c % kChannelBlock) return ffi::Error::InvalidArgument("col2im data gradient: input channels of 16");
   const int dtype = type == ffi::DataType::F32 ? kF32 : kBF16;
   const size_t bytes = type == ffi::DataType::F32 ? 4 : 2;
   const int64_t k = kh * kw * c, per_image = ho * wo;
   // Whole images per chunk, about 2^19 float32 patch-gradient values (2 MB), at least 256 rows where they fit.
   const int64_t budget = int64_t{1} << 19;
-  const int64_t images = std::min(n, std::max<int64_t>({1, budget / (per_image * k), (256 + per_image - 1) / per_image}));
+  const int64_t rows_256 = (256 + per_image - 1) / per_image;
+  const int64_t images = std::min(n, std::max<int64_t>({1, budget / (per_image * k), rows_256}));
   const int64_t chunks = (n + images - 1) / images;
   const int team = static_cast<int>(std::min<int64_t>(SetTeam(threads), chunks));
   const char* gp = static_cast<const char*>(dy.untyped_data());
