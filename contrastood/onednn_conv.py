@@ -447,8 +447,8 @@ def strided_gradients_measured(x, w, strides, padding) -> tuple[bool, bool]:
     """(col2im data gradient, im2col weight gradient) for a conv_nhwc layer: this CPU's measured choice for a
     strided layer's shapes where choose_layers cached one, else oneDNN's data gradient and `im2col_weight_gradient`'s
     fixed rule. The measurement matters because the rates differ by CPU: oneDNN 3.2's strided data gradient was
-    3-8x slower than col2im's matmul on AMX (col2im_supports), but ran at about 300 GFLOP/s against a bfloat16
-    peak of about 418 in a ResNet-18 trace on the AMD EPYC (results/README.md)."""
+    1.1-7.7x slower than col2im's matmul on AMX for 3x3 layers from 64 channels up (col2im_supports), but ran at
+    about 300 GFLOP/s against a bfloat16 peak of about 418 in a ResNet-18 trace on the AMD EPYC (results/README.md)."""
     default = (False, im2col_weight_gradient(x.dtype, w.shape, strides))
     if tuple(strides) == (1, 1) or not perf.layer_tuning_enabled():
         return default
@@ -475,53 +475,22 @@ def winograd_measured(x, w) -> bool:
     return entry.get("choice") != "direct"
 
 
-def _layer_seconds(x_shape, w_shape, dtype, mesh) -> dict[str, float]:
-    """Fastest of _LAYER_ROUNDS alternating calls (forward + both gradients) of each kernel for one layer, run as
-    the step runs it: batch-sharded over `mesh`, so with the same threads per call and per-device shapes."""
+def _layer_inputs(x_shape, w_shape, y_shape, dtype, mesh):
+    """Random x, w and dy for timing one layer as the step runs it: batch-sharded over `mesh` (so with the same
+    threads per call and per-device shapes), w replicated. -> (x, w, dy, batch sharding, replicated sharding)."""
     rng = np.random.default_rng(0)
     batch, repl = NamedSharding(mesh, P(mesh.axis_names[0])), NamedSharding(mesh, P())
-    x = jax.device_put(jnp.asarray(rng.standard_normal(x_shape), dtype), batch)
-    w = jax.device_put(jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(9 * w_shape[2]), dtype), repl)
-    dy = jax.device_put(jnp.asarray(rng.standard_normal(x_shape[:3] + w_shape[3:]), dtype), batch)
-    winograd = winograd_conv3x3 if jnp.dtype(dtype) == jnp.float32 else winograd_bf16_conv3x3
-    kernels = {"winograd": winograd, "direct": lambda a, b: conv_nhwc(a, b, *_SAME_3X3)}
-    calls = {}
-    for name, conv in kernels.items():
-        def passes(a, b, g, conv=conv):
-            y, vjp = jax.vjp(conv, a, b)
-            return (y, *vjp(g))
-        calls[name] = jax.jit(passes, in_shardings=(batch, repl, batch), out_shardings=(batch, batch, repl))
-        jax.block_until_ready(calls[name](x, w, dy))  # compile and warm up
-    best = {name: float("inf") for name in calls}
-    for _ in range(_LAYER_ROUNDS):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            jax.block_until_ready(call(x, w, dy))
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
-
-
-def _strided_seconds(x_shape, w_shape, dtype, strides, padding, mesh) -> dict[str, float]:
-    """Fastest of _LAYER_ROUNDS alternating calls of each data-gradient and weight-gradient kernel of a strided
-    layer (those it supports), batch-sharded over `mesh` as the step runs them."""
-    rng = np.random.default_rng(0)
-    batch, repl = NamedSharding(mesh, P(mesh.axis_names[0])), NamedSharding(mesh, P())
-    y_shape = jax.eval_shape(lambda a, b: conv_nhwc(a, b, strides, padding), jax.ShapeDtypeStruct(x_shape, dtype),
-                             jax.ShapeDtypeStruct(w_shape, dtype)).shape
     x = jax.device_put(jnp.asarray(rng.standard_normal(x_shape), dtype), batch)
     w = jax.device_put(jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype), repl)
     dy = jax.device_put(jnp.asarray(rng.standard_normal(y_shape), dtype), batch)
-    kernels = {"data_direct": (_backward_data, (dy, w), x_shape, batch)}
-    if col2im_supports(w_shape, strides):
-        kernels["data_col2im"] = (_col2im_backward_data, (dy, w), x_shape, batch)
-    if w_shape[3] % 16 == 0:
-        kernels["weights_direct"] = (_backward_weights, (x, dy), w_shape, repl)
-        kernels["weights_im2col"] = (_im2col_backward_weights, (x, dy), w_shape, repl)
-    calls = {}
-    for name, (kernel, args, shape, out) in kernels.items():
-        calls[name] = (jax.jit(lambda a, b, kernel=kernel, shape=shape: kernel(a, b, shape, strides, padding),
-                               out_shardings=out), args)
-        jax.block_until_ready(calls[name][0](*args))  # compile and warm up
+    return x, w, dy, batch, repl
+
+
+def _fastest(calls: dict) -> dict[str, float]:
+    """{name: (jitted call, args)} -> {name: seconds}, the fastest of _LAYER_ROUNDS alternating calls of each
+    after one to compile and warm up."""
+    for call, args in calls.values():
+        jax.block_until_ready(call(*args))
     best = {name: float("inf") for name in calls}
     for _ in range(_LAYER_ROUNDS):
         for name, (call, args) in calls.items():
@@ -531,9 +500,41 @@ def _strided_seconds(x_shape, w_shape, dtype, strides, padding, mesh) -> dict[st
     return best
 
 
-def _faster(seconds: dict, kind: str, default: str, other: str) -> str:
-    """`other` where it was measured and beat `default` by _LAYER_MIN_GAIN, else `default`."""
-    mine, theirs = seconds.get(f"{kind}_{default}", float("inf")), seconds.get(f"{kind}_{other}", float("inf"))
+def _layer_seconds(x_shape, w_shape, dtype, mesh) -> dict[str, float]:
+    """Winograd's and the direct kernels' forward + both gradients of one 3x3 stride-1 layer (_fastest)."""
+    x, w, dy, batch, repl = _layer_inputs(x_shape, w_shape, x_shape[:3] + w_shape[3:], dtype, mesh)
+    winograd = winograd_conv3x3 if jnp.dtype(dtype) == jnp.float32 else winograd_bf16_conv3x3
+    kernels = {"winograd": winograd, "direct": lambda a, b: conv_nhwc(a, b, *_SAME_3X3)}
+    calls = {}
+    for name, conv in kernels.items():
+        def passes(a, b, g, conv=conv):
+            y, vjp = jax.vjp(conv, a, b)
+            return (y, *vjp(g))
+        calls[name] = (jax.jit(passes, in_shardings=(batch, repl, batch), out_shardings=(batch, batch, repl)),
+                       (x, w, dy))
+    return _fastest(calls)
+
+
+def _strided_seconds(x_shape, w_shape, dtype, strides, padding, mesh) -> dict[str, float]:
+    """Each data-gradient and weight-gradient kernel a strided layer supports, alone (_fastest)."""
+    y_shape = jax.eval_shape(lambda a, b: conv_nhwc(a, b, strides, padding), jax.ShapeDtypeStruct(x_shape, dtype),
+                             jax.ShapeDtypeStruct(w_shape, dtype)).shape
+    x, w, dy, batch, repl = _layer_inputs(x_shape, w_shape, y_shape, dtype, mesh)
+    kernels = {"data_direct": (_backward_data, (dy, w), x_shape, batch)}
+    if col2im_supports(w_shape, strides):
+        kernels["data_col2im"] = (_col2im_backward_data, (dy, w), x_shape, batch)
+    if w_shape[3] % 16 == 0:
+        kernels["weights_direct"] = (_backward_weights, (x, dy), w_shape, repl)
+        kernels["weights_im2col"] = (_im2col_backward_weights, (x, dy), w_shape, repl)
+    return _fastest({name: (jax.jit(lambda a, b, kernel=kernel, shape=shape: kernel(a, b, shape, strides, padding),
+                                    out_shardings=out), args)
+                     for name, (kernel, args, shape, out) in kernels.items()})
+
+
+def _faster(seconds: dict, prefix: str, default: str, other: str) -> str:
+    """`other` where seconds[prefix + other] was measured and beat seconds[prefix + default] by _LAYER_MIN_GAIN
+    (below that it is noise), else `default`."""
+    mine, theirs = (seconds.get(prefix + name, float("inf")) for name in (default, other))
     return other if theirs * _LAYER_MIN_GAIN < mine else default
 
 
@@ -560,30 +561,24 @@ def choose_layers(trace, mesh) -> dict[str, str]:
                     x_shape, w_shape, dtype, *conv)
                 if key in table:
                     continue
-                if kind == "strided":
+                if kind == "winograd":
+                    seconds = _layer_seconds(x_shape, w_shape, dtype, mesh)
+                    entry = {"choice": _faster(seconds, "", "winograd", "direct")}
+                    measured[key] = entry["choice"]
+                else:
                     seconds = _strided_seconds(x_shape, w_shape, dtype, *conv, mesh)
-                    default_weights = "im2col" if im2col_weight_gradient(dtype, w_shape, conv[0]) else "direct"
-                    data = _faster(seconds, "data", "direct", "col2im")
-                    weights = _faster(seconds, "weights", default_weights,
-                                      "direct" if default_weights == "im2col" else "im2col")
-                    table[key] = {"data": data, "weights": weights, "seconds": seconds, "x": list(x_shape),
-                                  "w": list(w_shape), "strides": list(conv[0]), "padding": list(conv[1]),
-                                  "dtype": dtype.name, "identity": perf.cpu_identity(),
-                                  "measured_at": time.strftime("%Y-%m-%d %H:%M")}
-                    measured[key] = f"data {data}, weights {weights}"
-                    logging.info("strided convolution %s x %s (%s) on %s: data gradient %s, weight gradient %s "
-                                 "(ms: %s; cached)", x_shape, w_shape, dtype.name, perf.cpu_identity()["cpu"], data,
-                                 weights, ", ".join(f"{k} {1e3 * v:.1f}" for k, v in seconds.items()))
-                    continue
-                seconds = _layer_seconds(x_shape, w_shape, dtype, mesh)
-                choice = "direct" if seconds["direct"] * _LAYER_MIN_GAIN < seconds["winograd"] else "winograd"
-                table[key] = {"choice": choice, "seconds": seconds, "x": list(x_shape), "w": list(w_shape),
+                    weights = "im2col" if im2col_weight_gradient(dtype, w_shape, conv[0]) else "direct"
+                    entry = {"data": _faster(seconds, "data_", "direct", "col2im"),
+                             "weights": _faster(seconds, "weights_", weights,
+                                                "direct" if weights == "im2col" else "im2col"),
+                             "strides": list(conv[0]), "padding": list(conv[1])}
+                    measured[key] = f"data {entry['data']}, weights {entry['weights']}"
+                table[key] = {**entry, "seconds": seconds, "x": list(x_shape), "w": list(w_shape),
                               "dtype": dtype.name, "identity": perf.cpu_identity(),
                               "measured_at": time.strftime("%Y-%m-%d %H:%M")}
-                measured[key] = choice
-                logging.info("convolution %s x %s (%s) on %s: %s (Winograd %.1f ms, direct %.1f ms; cached)",
-                             x_shape, w_shape, dtype.name, perf.cpu_identity()["cpu"], choice,
-                             1e3 * seconds["winograd"], 1e3 * seconds["direct"])
+                logging.info("convolution %s x %s (%s) on %s: %s (ms: %s; cached)", x_shape, w_shape, dtype.name,
+                             perf.cpu_identity()["cpu"], measured[key],
+                             ", ".join(f"{k} {1e3 * v:.1f}" for k, v in seconds.items()))
             _layer_choices[_layer_table_path()] = dict(table)
     return measured
 
